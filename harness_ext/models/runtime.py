@@ -1,0 +1,540 @@
+"""Runtime shared by both students (and the Llama teacher run as an all-attention MambaInLlama).
+
+A model is the Llama trunk (`model.embed_tokens`, `model.layers.{i}`, `model.norm`, `lm_head`) whose layers hold
+one token mixer each: Llama attention (`self_attn`), MambaInLlama's Mamba-2 (`mamba`) or Llamba's discrete
+Mamba-2 (`mixer`). Three ways to run it, all sharing the layer code:
+
+* the HF forward (`model(input_ids, seq_idx=..., position_ids=...)`), with an `HybridCache` for `generate()`;
+* `prefill(list_of_prompts, state, slots)`: prompts packed into one row with `seq_idx`, final states into slots;
+* `decode_step(input_ids, state)`: one token per slot, static shapes, no host sync (CUDA-graph capturable).
+
+Mixers implement `forward(hidden, ctx)` for whole sequences and `step(hidden, layer_state, ctx)` for one token,
+reading what they need from the `ForwardContext`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import (LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding,
+                                                      apply_rotary_pos_emb, repeat_kv)
+
+from . import ssd
+
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def state_dtype(name: str) -> torch.dtype:
+    if name not in STATE_DTYPES:
+        raise ValueError(f"ssm_state_dtype must be one of {sorted(STATE_DTYPES)}, got {name!r}")
+    return STATE_DTYPES[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# states
+
+
+class DecodeState:
+    """Static, preallocated decoding state (gpt-fast style).
+
+    `layers[i]` is `{"conv_state": [B, conv_dim, d_conv], "ssm_state": [B, nheads, headdim, d_state]}` for a
+    Mamba layer or `{"k_cache": [B, n_kv_heads, max_seqlen, head_dim], "v_cache": ...}` for an attention layer;
+    `seqlens [B] int32` counts the tokens each slot holds.
+    """
+
+    def __init__(self, layers: list[dict[str, torch.Tensor]], seqlens: torch.Tensor, max_seqlen: int):
+        self.layers = layers
+        self.seqlens = seqlens
+        self.max_seqlen = max_seqlen
+
+    @property
+    def batch_size(self) -> int:
+        return self.seqlens.shape[0]
+
+    def tensors(self):
+        for layer in self.layers:
+            yield from layer.values()
+        yield self.seqlens
+
+    def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Fork: every layer's state and seqlens of slots `src` are copied to slots `dst` (same length)."""
+        src = torch.as_tensor(src, device=self.seqlens.device).long()
+        dst = torch.as_tensor(dst, device=self.seqlens.device).long()
+        if src.shape != dst.shape:
+            raise ValueError(f"copy_slots: src and dst differ in shape ({tuple(src.shape)} vs {tuple(dst.shape)})")
+        for tensor in self.tensors():
+            tensor.index_copy_(0, dst, tensor.index_select(0, src))
+
+    def reset_slots(self, slots: torch.Tensor) -> None:
+        slots = torch.as_tensor(slots, device=self.seqlens.device).long()
+        for tensor in self.tensors():
+            tensor.index_fill_(0, slots, 0)
+
+
+class HybridCache:
+    """The cache `generate()` carries between forwards: growing K/V for attention layers, conv + SSM state for
+    Mamba layers. Not a transformers `Cache` subclass: the model builds it itself (see `_supports_default_dynamic_cache`)."""
+
+    is_compileable = False
+
+    def __init__(self, num_layers: int):
+        self.layers: list[dict[str, torch.Tensor]] = [dict() for _ in range(num_layers)]
+        self.seen_tokens = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for layer in self.layers:
+            for name, tensor in layer.items():
+                layer[name] = tensor.index_select(0, beam_idx.to(tensor.device))
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+@dataclass
+class ForwardContext:
+    """What one forward pass tells its layers. mode: "full" (HF forward / training), "prefill", "decode"."""
+
+    mode: str
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+    attn_mask: torch.Tensor | None = None          # bool [B, 1, L, S] (True = attend) or None for plain causal
+    seq_idx: torch.Tensor | None = None            # [B, L] int32
+    pad_mask: torch.Tensor | None = None           # [B, L] bool, False at padding (HF left padding)
+    cache: HybridCache | None = None
+    decode_state: DecodeState | None = None
+    doc_lens: list[int] | None = None              # prefill: prompt lengths packed in the single row
+    cu_seqlens: torch.Tensor | None = None         # prefill: [n_docs + 1]
+    output_attentions: bool = False
+    attentions: list = field(default_factory=list)
+    prefill_states: dict = field(default_factory=dict)   # prefill: layer_idx -> per-document states
+
+
+# --------------------------------------------------------------------------------------------------
+# attention
+
+
+class LlamaAttention(nn.Module):
+    """Llama attention (GQA, RoPE from the shared rotary embedding) with the teacher's parameter names."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim ** -0.5
+        bias = getattr(config, "attention_bias", False)
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def _qkv(self, hidden, cos, sin):
+        batch, seqlen, _ = hidden.shape
+        q = self.q_proj(hidden).view(batch, seqlen, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden).view(batch, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden).view(batch, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, k, v
+
+    def _attend(self, q, k, v, mask, is_causal):
+        groups = self.num_heads // self.num_kv_heads
+        return F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=mask,
+                                              is_causal=is_causal, scale=self.scaling)
+
+    def forward(self, hidden, ctx: ForwardContext):
+        batch, seqlen, _ = hidden.shape
+        q, k, v = self._qkv(hidden, ctx.cos, ctx.sin)
+        if ctx.mode == "prefill":
+            # One causal attention per prompt: a dense block-diagonal mask over all packed tokens would not fit.
+            outs, start = [], 0
+            for length in ctx.doc_lens:
+                sl = slice(start, start + length)
+                outs.append(self._attend(q[:, :, sl], k[:, :, sl], v[:, :, sl], None, True))
+                start += length
+            out = torch.cat(outs, dim=2)
+            ctx.prefill_states[self.layer_idx] = (k, v)
+        else:
+            if ctx.cache is not None:
+                layer = ctx.cache.layers[self.layer_idx]
+                if "k" in layer:
+                    k = torch.cat([layer["k"], k], dim=2)
+                    v = torch.cat([layer["v"], v], dim=2)
+                layer["k"], layer["v"] = k, v
+            is_causal = ctx.attn_mask is None and seqlen > 1
+            if ctx.output_attentions:
+                groups = self.num_heads // self.num_kv_heads
+                scores = torch.matmul(q, repeat_kv(k, groups).transpose(2, 3)) * self.scaling
+                if ctx.attn_mask is not None:
+                    allowed = ctx.attn_mask
+                else:
+                    allowed = torch.ones(seqlen, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - seqlen)
+                probs = torch.softmax(scores.float().masked_fill(~allowed, -float("inf")), dim=-1).to(q.dtype)
+                ctx.attentions.append(probs)
+                out = torch.matmul(probs, repeat_kv(v, groups))
+            else:
+                out = self._attend(q, k, v, ctx.attn_mask, is_causal)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seqlen, -1))
+
+    def step(self, hidden, layer_state, ctx: ForwardContext):
+        """hidden [B, 1, D]; K/V written at each slot's position `seqlens`; keys beyond it are masked."""
+        batch = hidden.shape[0]
+        q, k, v = self._qkv(hidden, ctx.cos, ctx.sin)
+        k_cache, v_cache = layer_state["k_cache"], layer_state["v_cache"]
+        rows = torch.arange(batch, device=hidden.device)
+        positions = ctx.decode_state.seqlens.long()
+        k_cache[rows, :, positions] = k[:, :, 0].to(k_cache.dtype)
+        v_cache[rows, :, positions] = v[:, :, 0].to(v_cache.dtype)
+        out = F.scaled_dot_product_attention(q, k_cache.to(q.dtype), v_cache.to(q.dtype), attn_mask=ctx.attn_mask,
+                                             scale=self.scaling, enable_gqa=self.num_heads != self.num_kv_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
+
+    def allocate_state(self, batch_size, max_seqlen, device, dtype):
+        shape = (batch_size, self.num_kv_heads, max_seqlen, self.head_dim)
+        return {"k_cache": torch.zeros(shape, device=device, dtype=dtype),
+                "v_cache": torch.zeros(shape, device=device, dtype=dtype)}
+
+
+# --------------------------------------------------------------------------------------------------
+# shared SSM-mixer plumbing
+
+
+class SSMMixerBase(nn.Module):
+    """Conv/scan/state plumbing common to both Mamba mixers. Subclasses define `conv1d`, `d_conv`, `conv_dim`,
+    `nheads`, `headdim`, `d_state`, `ssm_state_dtype`, and `mix(hidden, ctx)` / `step(...)` with this help."""
+
+    conv_activation: str | None = "silu"
+
+    def _conv_full(self, xBC, ctx: ForwardContext):
+        """Causal conv over a whole sequence; records the conv state the mode needs. Returns (conv_out, conv_state)."""
+        weight = self.conv1d.weight.squeeze(1)
+        initial, layer = None, None
+        if ctx.cache is not None:
+            layer = ctx.cache.layers[self.layer_idx]
+            initial = layer.get("conv_state")
+        if ctx.pad_mask is not None:
+            xBC = xBC * ctx.pad_mask.unsqueeze(-1).to(xBC.dtype)
+        out = ssd.causal_conv1d(xBC, weight, self.conv1d.bias, seq_idx=ctx.seq_idx, initial_state=initial,
+                                activation=self.conv_activation)
+        if ctx.pad_mask is not None:
+            # Left padding must not feed the SSM: zero x/B/C at padded positions (the conv bias makes them nonzero).
+            out = out * ctx.pad_mask.unsqueeze(-1).to(out.dtype)
+        conv_state = None
+        if ctx.mode == "prefill":
+            conv_state = ssd.conv_state_from_inputs(xBC, self.d_conv, cu_seqlens=ctx.cu_seqlens)
+        elif layer is not None:
+            history = xBC if initial is None else torch.cat([initial.transpose(1, 2).to(xBC.dtype), xBC], dim=1)
+            conv_state = ssd.conv_state_from_inputs(history, self.d_conv)
+        return out, conv_state
+
+    def _scan_full(self, x, dt, A, B, C, ctx: ForwardContext, **kw):
+        """SSD scan over a whole sequence; returns (y, ssm_state to keep or None)."""
+        layer = ctx.cache.layers[self.layer_idx] if ctx.cache is not None else None
+        if ctx.mode == "prefill":
+            y, _, states = ssd.ssd_scan(x, dt, A, B, C, seq_idx=ctx.seq_idx, cu_seqlens=ctx.cu_seqlens,
+                                        return_final_states=True, return_varlen_states=True,
+                                        chunk_size=self.chunk_size, **kw)
+            return y, states
+        if layer is not None:
+            initial = layer.get("ssm_state")
+            y, final = ssd.ssd_scan(x, dt, A, B, C, seq_idx=ctx.seq_idx, initial_states=initial,
+                                    return_final_states=True, chunk_size=self.chunk_size, **kw)
+            return y, final
+        return ssd.ssd_scan(x, dt, A, B, C, seq_idx=ctx.seq_idx, chunk_size=self.chunk_size, **kw), None
+
+    def _store_states(self, ctx: ForwardContext, conv_state, ssm_state):
+        if ctx.mode == "prefill":
+            ctx.prefill_states[self.layer_idx] = (conv_state, ssm_state)
+        elif ctx.cache is not None:
+            layer = ctx.cache.layers[self.layer_idx]
+            layer["conv_state"] = conv_state
+            layer["ssm_state"] = ssm_state.to(state_dtype(self.ssm_state_dtype))
+
+    def forward(self, hidden, ctx: ForwardContext):
+        layer = ctx.cache.layers[self.layer_idx] if ctx.cache is not None else None
+        if layer is not None and "ssm_state" in layer and hidden.shape[1] == 1 and ctx.pad_mask is None:
+            return self.step(hidden[:, 0], layer, ctx).unsqueeze(1)
+        return self.mix(hidden, ctx)
+
+    def _conv_step(self, xBC, layer_state):
+        return ssd.causal_conv1d_step(layer_state["conv_state"], xBC, self.conv1d.weight.squeeze(1),
+                                      self.conv1d.bias, activation=self.conv_activation)
+
+    def allocate_state(self, batch_size, max_seqlen, device, dtype):
+        return {"conv_state": torch.zeros(batch_size, self.conv_dim, self.d_conv, device=device, dtype=dtype),
+                "ssm_state": torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
+                                         dtype=state_dtype(self.ssm_state_dtype))}
+
+
+# --------------------------------------------------------------------------------------------------
+# layers and the causal LM
+
+
+class DecoderLayer(GradientCheckpointingLayer):
+    """RMSNorm -> token mixer -> residual -> RMSNorm -> Llama MLP -> residual."""
+
+    def __init__(self, config, layer_idx: int, mixer_name: str, mixer: nn.Module):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.mixer_name = mixer_name
+        self.is_attention = mixer_name == "self_attn"
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        setattr(self, mixer_name, mixer)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    @property
+    def token_mixer(self) -> nn.Module:
+        return getattr(self, self.mixer_name)
+
+    def forward(self, hidden, ctx: ForwardContext = None, layer_state=None):
+        normed = self.input_layernorm(hidden)
+        if ctx.mode == "decode":
+            mixed = self.token_mixer.step(normed if self.is_attention else normed[:, 0], layer_state, ctx)
+            mixed = mixed if self.is_attention else mixed.unsqueeze(1)
+        else:
+            mixed = self.token_mixer(normed, ctx)
+        hidden = hidden + mixed
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class Backbone(nn.Module):
+    def __init__(self, config, layers: list[DecoderLayer], use_rope: bool):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, getattr(config, "pad_token_id", None))
+        self.layers = nn.ModuleList(layers)
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config) if use_rope else None
+        self.gradient_checkpointing = False
+
+
+def positions_from_seq_idx(seq_idx: torch.Tensor) -> torch.Tensor:
+    """Positions restarting at 0 at every document boundary of `seq_idx` [B, L]."""
+    batch, seqlen = seq_idx.shape
+    idx = torch.arange(seqlen, device=seq_idx.device).expand(batch, seqlen)
+    is_start = torch.ones_like(seq_idx, dtype=torch.bool)
+    is_start[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    starts = torch.cummax(torch.where(is_start, idx, torch.zeros_like(idx)), dim=1).values
+    return idx - starts
+
+
+class HybridForCausalLM(PreTrainedModel, GenerationMixin):
+    """Base of `MambaInLlamaForCausalLM` and `LlambaForCausalLM`. Subclasses implement `_build_layer(config, i)`."""
+
+    base_model_prefix = "model"
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _no_split_modules = ["DecoderLayer"]
+    _supports_sdpa = True
+    _is_stateful = True
+    supports_gradient_checkpointing = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.validate_config(config)
+        layers = [self._build_layer(config, i) for i in range(config.num_hidden_layers)]
+        use_rope = any(layer.is_attention for layer in layers)
+        self.model = Backbone(config, layers, use_rope)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    # subclasses -------------------------------------------------------------------------------
+    def _build_layer(self, config, layer_idx: int) -> DecoderLayer:
+        raise NotImplementedError
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        pass
+
+    # HF plumbing ------------------------------------------------------------------------------
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False          # our own HybridCache, created by forward() when use_cache=True
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    @property
+    def mamba_layers(self) -> list[int]:
+        return [i for i, layer in enumerate(self.model.layers) if not layer.is_attention]
+
+    @property
+    def attention_layers(self) -> list[int]:
+        return [i for i, layer in enumerate(self.model.layers) if layer.is_attention]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if hasattr(module, "reset_ssm_parameters"):
+            module.reset_ssm_parameters(init)
+
+    def _layer_call(self, layer, hidden, ctx, layer_state=None):
+        return layer(hidden, ctx=ctx, layer_state=layer_state)
+
+    # HF forward -------------------------------------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None, output_attentions=None,
+                seq_idx=None, logits_to_keep=0, return_dict=None, **kwargs):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        hidden = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, seqlen = hidden.shape[:2]
+        device = hidden.device
+        output_hidden_states = bool(output_hidden_states)
+        cache = past_key_values
+        if cache is not None and not isinstance(cache, HybridCache):
+            raise TypeError(f"past_key_values must be a HybridCache (from this model), got {type(cache).__name__}")
+        if cache is None and use_cache:
+            cache = HybridCache(len(self.model.layers))
+        past = cache.seen_tokens if cache is not None else 0
+        if seq_idx is not None:
+            if past:
+                raise ValueError("seq_idx (packed documents) cannot be combined with a non-empty cache")
+            if seq_idx.shape != (batch, seqlen):
+                raise ValueError(f"seq_idx must have shape {(batch, seqlen)}, got {tuple(seq_idx.shape)}")
+            seq_idx = seq_idx.to(device=device, dtype=torch.int32)
+
+        full_mask = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError("attention_mask must be a 2-D padding mask [batch, past + seqlen]")
+            full_mask = attention_mask.to(device=device, dtype=torch.bool)
+            if full_mask.shape[1] != past + seqlen:
+                raise ValueError(f"attention_mask covers {full_mask.shape[1]} tokens, expected {past + seqlen}")
+            if bool(full_mask.all()):
+                full_mask = None
+        pad_mask = full_mask[:, -seqlen:] if full_mask is not None else None
+
+        if position_ids is None:
+            if seq_idx is not None:
+                position_ids = positions_from_seq_idx(seq_idx)
+            elif full_mask is not None:
+                position_ids = (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seqlen:]
+            else:
+                position_ids = torch.arange(past, past + seqlen, device=device).expand(batch, seqlen)
+
+        ctx = ForwardContext(mode="full", seq_idx=seq_idx, pad_mask=pad_mask, cache=cache,
+                             output_attentions=bool(output_attentions))
+        if self.model.rotary_emb is not None:
+            ctx.cos, ctx.sin = self.model.rotary_emb(hidden, position_ids)
+            if seq_idx is not None or full_mask is not None or (past and seqlen > 1):
+                q_pos = torch.arange(past, past + seqlen, device=device)
+                k_pos = torch.arange(past + seqlen, device=device)
+                allowed = (k_pos.view(1, -1) <= q_pos.view(-1, 1)).unsqueeze(0)       # [1, L, S]
+                if seq_idx is not None:
+                    allowed = allowed & (seq_idx.unsqueeze(-1) == seq_idx.unsqueeze(1))
+                if full_mask is not None:
+                    allowed = allowed & full_mask.unsqueeze(1)
+                    allowed = allowed | (k_pos.view(1, -1) == q_pos.view(-1, 1))      # padded rows: no NaN
+                ctx.attn_mask = allowed.unsqueeze(1).expand(batch, 1, seqlen, past + seqlen)
+
+        all_hidden = [hidden] if output_hidden_states else None
+        for layer in self.model.layers:
+            hidden = layer(hidden, ctx=ctx)
+            if output_hidden_states:
+                all_hidden.append(hidden)
+        hidden = self.model.norm(hidden)
+        if output_hidden_states:
+            all_hidden[-1] = hidden
+        if cache is not None:
+            cache.seen_tokens += seqlen
+
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) and logits_to_keep else slice(None)
+        logits = self.lm_head(hidden[:, keep])
+        loss = None
+        if labels is not None:
+            shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+            loss = F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1).to(device), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache,
+                                      hidden_states=tuple(all_hidden) if output_hidden_states else None,
+                                      attentions=tuple(ctx.attentions) if output_attentions else None)
+
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, past_key_values=None,
+                                      attention_mask=None, inputs_embeds=None, is_first_iteration=False, **kwargs):
+        kwargs.setdefault("use_cache", True)
+        return super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, past_key_values=past_key_values,
+            attention_mask=attention_mask, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration,
+            **kwargs)
+
+    # gpt-fast decoding API --------------------------------------------------------------------
+    def allocate_decode_state(self, batch_size: int, max_seqlen: int, device=None, dtype=None) -> DecodeState:
+        device = torch.device(device) if device is not None else self.lm_head.weight.device
+        dtype = dtype or self.lm_head.weight.dtype
+        layers = [layer.token_mixer.allocate_state(batch_size, max_seqlen, device, dtype)
+                  for layer in self.model.layers]
+        seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        return DecodeState(layers, seqlens, max_seqlen)
+
+    @torch.no_grad()
+    def prefill(self, input_ids_list: list[torch.Tensor], state: DecodeState, slots: torch.Tensor) -> torch.Tensor:
+        """Run prompts (packed into one row), store each prompt's final state in its slot; last-token logits."""
+        if len(input_ids_list) == 0:
+            raise ValueError("prefill needs at least one prompt")
+        slots = torch.as_tensor(slots, device=state.seqlens.device).long()
+        if slots.numel() != len(input_ids_list):
+            raise ValueError(f"prefill: {len(input_ids_list)} prompts but {slots.numel()} slots")
+        lengths = [int(p.numel()) for p in input_ids_list]
+        if min(lengths) == 0:
+            raise ValueError("prefill: empty prompt")
+        if max(lengths) > state.max_seqlen and self.attention_layers:
+            raise ValueError(f"prefill: prompt of {max(lengths)} tokens exceeds max_seqlen={state.max_seqlen}")
+        device = self.lm_head.weight.device
+        tokens = torch.cat([p.reshape(-1).to(device) for p in input_ids_list]).unsqueeze(0)
+        lens = torch.tensor(lengths, device=device)
+        cu_seqlens = F.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+        seq_idx = torch.repeat_interleave(torch.arange(len(lengths), device=device), lens).to(torch.int32)[None]
+        position_ids = positions_from_seq_idx(seq_idx)
+        hidden = self.model.embed_tokens(tokens)
+        ctx = ForwardContext(mode="prefill", seq_idx=seq_idx, doc_lens=lengths, cu_seqlens=cu_seqlens)
+        if self.model.rotary_emb is not None:
+            ctx.cos, ctx.sin = self.model.rotary_emb(hidden, position_ids)
+        for layer in self.model.layers:
+            hidden = layer(hidden, ctx=ctx)
+        for idx, layer in enumerate(self.model.layers):
+            target = state.layers[idx]
+            if layer.is_attention:
+                k, v = ctx.prefill_states[idx]
+                for d, (start, length) in enumerate(zip(cu_seqlens[:-1].tolist(), lengths)):
+                    slot = int(slots[d])
+                    target["k_cache"][slot, :, :length] = k[0, :, start:start + length].to(target["k_cache"].dtype)
+                    target["v_cache"][slot, :, :length] = v[0, :, start:start + length].to(target["v_cache"].dtype)
+            else:
+                conv_state, ssm_state = ctx.prefill_states[idx]
+                target["conv_state"].index_copy_(0, slots, conv_state.to(target["conv_state"].dtype))
+                target["ssm_state"].index_copy_(0, slots, ssm_state.to(target["ssm_state"].dtype))
+        state.seqlens.index_copy_(0, slots, lens.to(torch.int32).to(state.seqlens.device))
+        last = hidden[0, (cu_seqlens[1:] - 1).long()]
+        return self.lm_head(self.model.norm(last)).float()
+
+    @torch.no_grad()
+    def decode_step(self, input_ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """One token for every slot at position `state.seqlens` (all slots advance); returns logits [B, vocab]."""
+        hidden = self.model.embed_tokens(input_ids.view(-1, 1))
+        ctx = ForwardContext(mode="decode", decode_state=state)
+        if self.model.rotary_emb is not None:
+            ctx.cos, ctx.sin = self.model.rotary_emb(hidden, state.seqlens.long().view(-1, 1))
+            key_pos = torch.arange(state.max_seqlen, device=hidden.device)
+            ctx.attn_mask = (key_pos.view(1, -1) <= state.seqlens.view(-1, 1)).view(-1, 1, 1, state.max_seqlen)
+        for layer, layer_state in zip(self.model.layers, state.layers):
+            hidden = layer(hidden, ctx=ctx, layer_state=layer_state)
+        logits = self.lm_head(self.model.norm(hidden[:, 0])).float()
+        state.seqlens.add_(1)
+        return logits

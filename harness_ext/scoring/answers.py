@@ -1,0 +1,230 @@
+"""Final-answer extraction, normalisation and equivalence for MATH- and GSM8K-style answers.
+
+    >>> extract_answer("... so the total is $\\boxed{\\frac{1}{2}}$.")
+    '\\frac{1}{2}'
+    >>> is_equiv("\\frac{1}{2}", "0.5")
+    True
+    >>> group_answers(["1/2", "0.5", None, "3"])
+    [0, 0, None, 1]
+
+Extraction order (the first that matches wins):
+  1. the last `\\boxed{...}` / `\\fbox{...}` (nested braces allowed; also `\\boxed 5`);
+  2. the last `#### x` line (GSM8K's own format);
+  3. the last "the (final) answer is x";
+  4. for `style="gsm8k"` only, the last number in the text.
+A completion with none of these has no answer (None): it counts as wrong and shows as `answer: null` in the samples.
+
+Equivalence: equal after `normalize_answer` (cheap, catches most votes), else math-verify (`math_verify.parse` /
+`verify`). math-verify's own timeout uses `signal.alarm`, which only works in the main thread; elsewhere (lm-eval
+under a thread pool, a PRM server...) the comparison runs in a daemon thread that is abandoned after the timeout,
+and a timed-out comparison counts as "not equivalent".
+"""
+from __future__ import annotations
+
+import functools
+import re
+import threading
+from typing import Sequence
+
+TIMEOUT_S = 5
+
+# ----------------------------------------------------------------------------- extraction
+
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+
+
+def extract_boxed(text: str) -> str | None:
+    """Contents of the last \\boxed{...} or \\fbox{...} (nested braces allowed, `\\boxed 5` too), or None."""
+    best, command_length = -1, 0
+    for command in _BOX_COMMANDS:
+        at = text.rfind(command)
+        if at > best:
+            best, command_length = at, len(command)
+    if best < 0:
+        return None
+    i = best + command_length
+    while i < len(text) and text[i] == " ":
+        i += 1
+    if i >= len(text):
+        return None
+    if text[i] != "{":
+        # `\boxed 5`: a single token up to whitespace or `$`
+        match = re.match(r"[^\s$]+", text[i:])
+        return match.group(0) if match else None
+    depth, begin = 0, i + 1
+    for j in range(i, len(text)):
+        if text[j] == "{" and (j == 0 or text[j - 1] != "\\"):
+            depth += 1
+        elif text[j] == "}" and (j == 0 or text[j - 1] != "\\"):
+            depth -= 1
+            if depth == 0:
+                inner = text[begin:j].strip()
+                return inner or None
+    return None  # unbalanced: the model ran out of tokens inside the box
+
+
+_HASHES = re.compile(r"####\s*([^\n]+)")
+_ANSWER_IS = re.compile(r"(?:final\s+answer|the\s+answer)\s*(?:is|:|=)\s*:?\s*([^\n]+)", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def _clean_tail(answer: str) -> str | None:
+    answer = answer.strip()
+    # "The answer is $18$." -> "18"; "is 18 dollars." keeps "18 dollars", normalisation drops the unit word later.
+    answer = re.sub(r"[.\s]+$", "", answer)
+    if answer.startswith("$") and answer.count("$") >= 2:
+        answer = answer[1:answer.index("$", 1)]
+    answer = answer.strip().strip("$").strip()
+    return answer or None
+
+
+def extract_answer(text: str, style: str = "math") -> str | None:
+    """The final answer of one completion, as text, or None when it states none. `style`: "math" or "gsm8k"."""
+    if style not in ("math", "gsm8k"):
+        raise ValueError(f"unknown answer style {style!r}; choose 'math' or 'gsm8k'")
+    if not text:
+        return None
+    boxed = extract_boxed(text)
+    if boxed is not None:
+        return boxed
+    hashes = _HASHES.findall(text)
+    if hashes:
+        found = _clean_tail(hashes[-1])
+        if found:
+            return found
+    stated = _ANSWER_IS.findall(text)
+    if stated:
+        found = _clean_tail(stated[-1])
+        if found:
+            boxed = extract_boxed(found)
+            return boxed if boxed is not None else found
+    if style == "gsm8k":
+        numbers = _NUMBER.findall(text)
+        if numbers:
+            return numbers[-1].replace(",", "")
+    return None
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+_SIMPLE_REPLACEMENTS = (
+    ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\left", ""), ("\\right", ""),
+    ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\ ", ""), ("~", ""),
+    ("^{\\circ}", ""), ("^\\circ", ""), ("\\circ", ""), ("\\%", ""), ("%", ""), ("\\$", ""),
+    ("\\displaystyle", ""), ("\\cdot", "*"), ("\\times", "*"),
+)
+_THOUSANDS = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$")
+_TEXT = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
+_UNIT_WORDS = re.compile(
+    r"\s*(dollars?|cents?|units?|degrees?|inches|inch|feet|foot|meters?|cm|km|miles?|hours?|minutes?|seconds?|"
+    r"days?|weeks?|years?|percent|people|students|apples|pages|points)$", re.IGNORECASE)
+
+
+def normalize_answer(answer: str | None) -> str | None:
+    """A canonical string for cheap equality and vote grouping (math-verify handles the rest)."""
+    if answer is None:
+        return None
+    text = answer.strip()
+    text = text.strip("$").strip()
+    text = _TEXT.sub(r"\1", text)
+    for old, new in _SIMPLE_REPLACEMENTS:
+        text = text.replace(old, new)
+    text = _UNIT_WORDS.sub("", text).strip()
+    text = re.sub(r"^[a-zA-Z]\s*=\s*", "", text)  # "x = 5" -> "5"
+    text = re.sub(r"\s+", "", text).rstrip(".")
+    if _THOUSANDS.match(text):
+        text = text.replace(",", "")
+    if re.fullmatch(r"-?\d+\.\d+", text):
+        text = text.rstrip("0").rstrip(".")
+    if re.fullmatch(r"-?\d+", text):
+        text = str(int(text))
+    if re.fullmatch(r"\(?[A-Ea-e]\)?", text):  # multiple-choice letters: "(B)" == "B" == "b"
+        text = text.strip("()").upper()
+    return text or None
+
+
+# ----------------------------------------------------------------------------- math-verify with timeouts
+
+
+def _call_with_timeout(fn, timeout_s: float, default):
+    """Run fn() giving up after timeout_s; `default` on timeout or error. Works in any thread."""
+    if threading.current_thread() is threading.main_thread():
+        try:
+            return fn(int(max(1, timeout_s)))
+        except Exception:
+            return default
+    box: list = []
+
+    def target():
+        try:
+            box.append(fn(None))  # no signal.alarm off the main thread
+        except Exception:
+            pass
+
+    worker = threading.Thread(target=target, daemon=True, name="thinkfast-math-verify")
+    worker.start()
+    worker.join(timeout_s)
+    return box[0] if box else default
+
+
+@functools.lru_cache(maxsize=65536)
+def _parse(answer: str, timeout_s: float = TIMEOUT_S) -> tuple:
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    configs = [LatexExtractionConfig(), ExprExtractionConfig()]
+
+    def run(timeout):
+        return parse(f"${answer}$", extraction_config=configs, parsing_timeout=timeout)
+
+    return tuple(_call_with_timeout(run, timeout_s, default=[]))
+
+
+def _verify(gold: tuple, target: tuple, timeout_s: float) -> bool:
+    from math_verify import verify
+
+    def run(timeout):
+        return verify(list(gold), list(target), timeout_seconds=timeout)
+
+    return bool(_call_with_timeout(run, timeout_s, default=False))
+
+
+@functools.lru_cache(maxsize=65536)
+def is_equiv(a: str | None, b: str | None, timeout_s: float = TIMEOUT_S) -> bool:
+    """Whether two final answers are mathematically the same. None (no answer) equals nothing."""
+    if a is None or b is None:
+        return False
+    na, nb = normalize_answer(a), normalize_answer(b)
+    if na is None or nb is None:
+        return False
+    if na == nb:
+        return True
+    pa, pb = _parse(na, timeout_s), _parse(nb, timeout_s)
+    if not pa or not pb:
+        return False
+    return _verify(pa, pb, timeout_s) or _verify(pb, pa, timeout_s)
+
+
+def group_answers(answers: Sequence[str | None], timeout_s: float = TIMEOUT_S) -> list[int | None]:
+    """Class id per answer: equivalent answers share an id (ids in order of first appearance); None stays None.
+
+    Each new distinct answer is compared with the first member of every existing class, so the classes are
+    deterministic given the order of `answers`.
+    """
+    class_of_key: dict[str, int] = {}
+    representatives: list[str] = []
+    ids: list[int | None] = []
+    for answer in answers:
+        key = normalize_answer(answer)
+        if key is None:
+            ids.append(None)
+            continue
+        if key not in class_of_key:
+            for class_id, rep in enumerate(representatives):
+                if is_equiv(rep, key, timeout_s):
+                    class_of_key[key] = class_id
+                    break
+            else:
+                class_of_key[key] = len(representatives)
+                representatives.append(key)
+        ids.append(class_of_key[key])
+    return ids

@@ -1,0 +1,245 @@
+"""distill: packing, decontamination, every stage of both recipes, exact resume, the NaN guard, torchrun (gloo).
+
+    .venv/bin/python -m pytest -x -q tests/test_distill.py
+
+A tiny random Llama teacher (4 layers, GQA) with a small BPE tokenizer trained on GSM8K/MATH train text (ChatML
+template) keeps every step in milliseconds; the students come from `thinkfast init`'s code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill import data as D
+from distill.cli import apply_override, distill, load_recipe, merge, stage_configs
+from distill.kd import KDObjective, model_forward
+from distill.trainer import NonFiniteLossError, StageConfig, Trainer, latest_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory, data_dir) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    texts = [r.problem + "\n" + r.solution for r in D.load_records(["gsm8k_train", "math_train"], limit=200)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=384, special_tokens=special,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>",
+                                     pad_token="<|endoftext|>")
+    hf_tok.chat_template = CHATML
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(hf_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+                      max_position_embeddings=2048, initializer_range=0.1, rms_norm_eps=1e-5,
+                      bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
+                      pad_token_id=hf_tok.pad_token_id)
+    out = tmp_path_factory.mktemp("teacher")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    hf_tok.save_pretrained(out)
+    return out
+
+
+def tiny_recipe(name: str, *overrides: str) -> dict:
+    recipe = load_recipe(name)
+    recipe = merge(recipe, recipe["smoke"])
+    for item in ("data.limit=24", "data.seq_len=64", "data.heldout_problems=6", "data.eval_rows=4",
+                 "defaults.log_every=1", "defaults.save_every=0", "defaults.lr=3e-3",
+                 "stages.kd.max_tokens=1024") + overrides:
+        apply_override(recipe, item)
+    return recipe
+
+
+def losses(stage_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in open(stage_dir / "metrics.jsonl")]
+
+
+# ----------------------------------------------------------------------------- data
+
+def test_pack_rows_boundaries_and_labels():
+    docs = [D.Document(torch.arange(10, 15).numpy().astype("int32"), torch.tensor([0, 0, 1, 1, 1]).bool().numpy()),
+            D.Document(torch.arange(20, 27).numpy().astype("int32"), torch.ones(7).bool().numpy())]
+    stream = D.PackedStream(docs, seq_len=6, shuffle=False)
+    b = stream.rows([0, 1])
+    assert b["input_ids"].tolist() == [[10, 11, 12, 13, 14, 20], [21, 22, 23, 24, 25, 26]]
+    assert b["seq_idx"].tolist() == [[0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0], [0, 1, 2, 3, 4, 5]]
+    # token 12 is the first target; 14 -> 20 crosses a document; row ends have no next token
+    assert b["labels"].tolist() == [[-100, 12, 13, 14, -100, -100], [22, 23, 24, 25, 26, -100]]
+    # same seed, same rows; another epoch, another order
+    s1, s2 = D.PackedStream(docs * 5, 6, seed=3), D.PackedStream(docs * 5, 6, seed=3)
+    assert torch.equal(s1.rows(range(7))["input_ids"], s2.rows(range(7))["input_ids"])
+
+
+def test_render_assistant_only(tiny_teacher):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    rec = D.Record("x", "What is 2+2?", "It is 4.", "t")
+    doc, = D.render_documents([rec], tok, assistant_only=True)
+    assert tok.decode(doc.ids[doc.target]).strip().startswith("It is 4.")
+    assert "What is" in tok.decode(doc.ids[~doc.target])
+
+
+def test_packed_forward_equals_separate_forwards(tiny_teacher, tmp_path):
+    """No cross-document leakage: a packed row gives each document the logits it gets alone (teacher + both students)."""
+    from transformers import AutoModelForCausalLM
+    from harness_ext.models.init_from_teacher import init_student
+    models = {"teacher": AutoModelForCausalLM.from_pretrained(tiny_teacher),
+              "mambainllama": init_student(tiny_teacher, "mambainllama"),
+              "llamba": init_student(tiny_teacher, "llamba")}
+    g = torch.Generator().manual_seed(0)
+    lens = [7, 12, 5]
+    docs = [D.Document(torch.randint(3, 300, (n,), generator=g).numpy().astype("int32"), torch.ones(n).bool().numpy())
+            for n in lens]
+    batch = D.PackedStream(docs, sum(lens), shuffle=False).rows([0])
+    for name, model in models.items():
+        model.eval()
+        with torch.no_grad():
+            packed = model_forward(model, batch).logits[0]
+            start = 0
+            for d in docs:
+                alone = model(input_ids=torch.from_numpy(d.ids).long()[None], use_cache=False).logits[0]
+                torch.testing.assert_close(packed[start:start + len(d.ids)], alone, atol=2e-4, rtol=1e-4,
+                                           msg=lambda m: f"{name}: {m}")
+                start += len(d.ids)
+
+
+def test_decontamination_catches_planted_test_problems(data_dir):
+    records = D.load_records(["gsm8k_train"], limit=50)
+    tests = D.load_test_problems()
+    math500 = dict(tests)["test/precalculus/807.json"] if "test/precalculus/807.json" in dict(tests) else tests[0][1]
+    gsm_test = next(text for tid, text in tests if tid.startswith("gsm8k"))
+    planted = [D.Record("planted-exact", "  " + math500.upper() + " ", "whatever", "planted"),
+               D.Record("planted-inside", "Solve this.", "Consider: " + gsm_test + " The answer is 3.", "planted")]
+    with pytest.raises(D.ContaminationError) as err:
+        D.decontaminate(records + planted, test_problems=tests)
+    assert "planted-exact" in str(err.value) and "planted-inside" in str(err.value)
+    kept, report = D.decontaminate(records + planted, drop=True, test_problems=tests)
+    assert [r.id for r in kept] == [r.id for r in records]
+    assert report["dropped"] == 2 and {m["record_id"] for m in report["matches"]} == {"planted-exact", "planted-inside"}
+    with pytest.raises(ValueError, match="test set"):
+        D.load_records(["math500"])
+
+
+def test_recipe_overrides_and_budget_split():
+    recipe = load_recipe("llamba")
+    apply_override(recipe, "stages.kd.max_tokens=2e6")
+    apply_override(recipe, "defaults.lr=5e-4")
+    stages = stage_configs(recipe, max_tokens=1e6)
+    assert [s.name for s in stages] == ["matrix", "hidden", "kd"]
+    assert abs(sum(s.max_tokens for s in stages) - 1e6) < 10 and stages[2].lr == 5e-4
+    with pytest.raises(KeyError, match="no section"):
+        apply_override(recipe, "nosuch.lr=1")
+
+
+# ----------------------------------------------------------------------------- stages
+
+@pytest.mark.parametrize("recipe_name", ["mambainllama", "llamba"])
+def test_every_stage_trains(recipe_name, tiny_teacher, tmp_path):
+    extra = ("stages.sft.max_tokens=768", "stages.sft.lr=3e-3") if recipe_name == "mambainllama" else ()
+    recipe = tiny_recipe(recipe_name, *extra)
+    result = distill(recipe, str(tiny_teacher), str(tmp_path), progress=False)
+    stage_dirs = sorted((tmp_path / "stages").iterdir())
+    assert len(stage_dirs) == (2 if recipe_name == "mambainllama" else 3)
+    for sd in stage_dirs:
+        curve = losses(sd)
+        assert len(curve) >= 4 and all(map(lambda x: x == x, curve))
+        k = max(1, len(curve) // 3)
+        assert sum(curve[-k:]) / k < sum(curve[:k]) / k, f"{sd.name}: loss did not go down: {curve}"
+        assert (sd / "final" / "config.json").is_file()
+    ev = result["eval"]
+    kd = ev["kd"]
+    assert kd["kl_forward"] < ev["init"]["kl_forward"], ev
+    assert (tmp_path / "config.json").is_file() and (tmp_path / "decontamination.json").is_file()
+    # a second run finds every stage finished and trains nothing
+    again = distill(recipe, str(tiny_teacher), str(tmp_path), progress=False)
+    assert again["final"] == result["final"]
+
+
+# ----------------------------------------------------------------------------- resume, NaN guard
+
+def _kd_trainer(tiny_teacher, stage_dir, steps=6, fault_hook=None, seed=0):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from harness_ext.models.init_from_teacher import init_student
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    docs = D.render_documents(D.load_records(["gsm8k_train"], limit=30), tok)
+    cfg = StageConfig(name="kd", objective="kd", max_tokens=steps * 2 * 64, seq_len=64, micro_batch_size=2,
+                      lr=3e-3, log_every=1, save_every=2, seed=seed)
+    torch.manual_seed(0)
+    student = init_student(tiny_teacher, "mambainllama")
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+    return Trainer(KDObjective(student), teacher, D.PackedStream(docs, 64, seed=seed), cfg, stage_dir,
+                   tokenizer=tok, device=torch.device("cpu"), fault_hook=fault_hook, progress=False)
+
+
+class Killed(BaseException):
+    pass
+
+
+def test_killed_and_resumed_run_equals_uninterrupted(tiny_teacher, tmp_path):
+    full = _kd_trainer(tiny_teacher, tmp_path / "full")
+    full.train()
+
+    def kill_at_5(step, loss):
+        if step == 5:
+            raise Killed()
+        return loss
+    with pytest.raises(Killed):
+        _kd_trainer(tiny_teacher, tmp_path / "killed", fault_hook=kill_at_5).train()
+    assert latest_checkpoint(tmp_path / "killed").name == "checkpoint-4"
+    resumed = _kd_trainer(tiny_teacher, tmp_path / "killed")  # fresh student; weights come from the checkpoint
+    resumed.train()
+    a, b = full.student.state_dict(), resumed.student.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert losses(tmp_path / "full")[-1] == losses(tmp_path / "killed")[-1]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_teacher, tmp_path):
+    def nan_at_5(step, loss):
+        return loss * float("nan") if step == 5 else loss
+    with pytest.raises(NonFiniteLossError, match="step 5") as err:
+        _kd_trainer(tiny_teacher, tmp_path, fault_hook=nan_at_5, steps=8).train()
+    assert "checkpoint-4" in str(err.value)
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt.name == "checkpoint-4" and not (tmp_path / "checkpoint-6").exists()
+    from harness_ext.models import load_model
+    model = load_model(str(ckpt))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(tiny_teacher, tmp_path):
+    """2 gloo processes x micro-batch 2 see the same rows per step as 1 process x 2 accumulation steps."""
+    script = tmp_path / "run.py"
+    script.write_text(f"""
+import sys, torch
+sys.path.insert(0, {str(REPO)!r})
+from tests.test_distill import tiny_recipe
+from distill.cli import distill
+accum = int(sys.argv[2])
+recipe = tiny_recipe("mambainllama", "stages.kd.max_tokens=1024", f"defaults.grad_accum={{accum}}")
+distill(recipe, {str(tiny_teacher)!r}, sys.argv[1], progress=False)
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    subprocess.run(torchrun + [str(script), str(tmp_path / "ddp"), "1"], check=True, env=env, timeout=600)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "single"), "2"], check=True, env=env, timeout=600)
+    ddp, single = losses(tmp_path / "ddp/stages/0-kd"), losses(tmp_path / "single/stages/0-kd")
+    assert len(ddp) == len(single) == 4
+    assert max(abs(a - b) for a, b in zip(ddp, single)) < 1e-4, (ddp, single)

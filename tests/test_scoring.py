@@ -1,0 +1,214 @@
+"""Answer extraction / equivalence and the best-of-N metrics, against brute-force definitions.
+
+    .venv/bin/python -m pytest -q tests/test_scoring.py
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import threading
+
+import pytest
+
+from harness_ext.scoring.answers import extract_answer, extract_boxed, group_answers, is_equiv, normalize_answer
+from harness_ext.scoring.metrics import (bon_at_k, bon_metrics, ks_for, maj_at_k, pass_at_k, weighted_bon_at_k)
+
+# ----------------------------------------------------------------------------- extraction
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("so $\\boxed{5}$.", "5"),
+    ("first \\boxed{1} then \\boxed{2}", "2"),                                   # the last box wins
+    ("$\\boxed{\\frac{1}{2}}$", "\\frac{1}{2}"),                                 # nested braces
+    ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+    ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),                                          # escaped braces inside
+    ("the answer is \\boxed 7 today", "7"),                                      # \boxed without braces
+    ("\\fbox{x^2}", "x^2"),
+    ("\\boxed{}", None),                                                         # empty box
+    ("ran out of tokens in \\boxed{\\frac{1}{", None),                            # unbalanced
+    ("no box here", None),
+])
+def test_extract_boxed(text, expected):
+    assert extract_boxed(text) == expected
+
+
+@pytest.mark.parametrize("text, style, expected", [
+    ("She pays 3 + 4 = 7 dollars.\n#### 7", "gsm8k", "7"),
+    ("#### 1,000", "gsm8k", "1,000"),
+    ("Reasoning...\nThe answer is 42.", "math", "42"),
+    ("Therefore, the final answer is: $\\frac{3}{4}$. I hope it is correct.", "math", "\\frac{3}{4}"),
+    ("The final answer is $\\boxed{12}$.", "gsm8k", "12"),
+    ("He has 5 apples and buys 3 more, so 8 apples", "gsm8k", "8"),              # last-number fallback
+    ("He has 5 apples and buys 3 more, so 8 apples", "math", None),              # no fallback for MATH
+    ("costs $1,250.50 in total", "gsm8k", "1250.50"),
+    ("a total of -3 degrees", "gsm8k", "-3"),
+    ("", "gsm8k", None),
+    ("I am not sure.", "gsm8k", None),
+    ("#### 5\nwait, actually \\boxed{6}", "gsm8k", "6"),                         # a box beats ####
+])
+def test_extract_answer(text, style, expected):
+    assert extract_answer(text, style) == expected
+
+
+def test_extract_answer_rejects_unknown_style():
+    with pytest.raises(ValueError, match="style"):
+        extract_answer("\\boxed{1}", "gsm9k")
+
+
+# ----------------------------------------------------------------------------- equivalence
+
+EQUIVALENT = [
+    # MATH style
+    ("\\frac{1}{2}", "0.5"), ("\\dfrac{1}{2}", "\\frac12"), ("\\frac{1}{2}", "1/2"),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\pi/2)"), ("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}"),
+    ("2\\sqrt{3}", "\\sqrt{12}"), ("x=5", "5"), ("90^\\circ", "90"), ("\\{1,2\\}", "\\{2,1\\}"),
+    ("\\text{(B)}", "B"), ("(B)", "b"), ("10\\%", "10"), ("\\pi", "\\pi"), ("2\\pi", "6.283185307179586"),
+    ("\\frac{3}{4}", "\\tfrac{3}{4}"), ("-\\frac{1}{3}", "\\frac{-1}{3}"), ("x^2+2x+1", "(x+1)^2"),
+    ("[1,2)", "[1, 2)"), ("\\infty", "\\infty"), ("3\\sqrt{2}", "\\sqrt{18}"),
+    ("\\frac{\\sqrt{3}}{3}", "\\frac{1}{\\sqrt{3}}"), ("5\\text{ cm}", "5"), ("0.25", "\\frac{1}{4}"),
+    # GSM8K style
+    ("18", "18.0"), ("1,000", "1000"), ("$18", "18"), ("18 dollars", "18"), ("\\$1,250", "1250"),
+    ("007", "7"), ("3.50", "3.5"), ("-4", "-4.00"), ("42.", "42"),
+]
+NOT_EQUIVALENT = [
+    ("3", "4"), ("\\frac{1}{2}", "\\frac{1}{3}"), ("[1,2)", "[1,2]"), ("(1,2)", "(2,1)"), ("\\sqrt{2}", "2"),
+    ("x^2", "2x"), ("18", "180"), ("1,000", "100"), ("0.5", "5"), ("-3", "3"), ("\\pi", "3.14"),
+    ("(B)", "C"), ("\\{1,2\\}", "\\{1,3\\}"), ("12", "1.2"),
+]
+
+
+def test_equivalence_table_size():
+    assert len(EQUIVALENT) + len(NOT_EQUIVALENT) >= 40
+
+
+@pytest.mark.parametrize("a, b", EQUIVALENT)
+def test_equivalent(a, b):
+    assert is_equiv(a, b) and is_equiv(b, a)
+
+
+@pytest.mark.parametrize("a, b", NOT_EQUIVALENT)
+def test_not_equivalent(a, b):
+    assert not is_equiv(a, b) and not is_equiv(b, a)
+
+
+def test_none_is_never_equivalent():
+    assert not is_equiv(None, None) and not is_equiv("1", None) and normalize_answer(None) is None
+
+
+def test_equivalence_off_the_main_thread():
+    # math-verify's own timeout uses signal.alarm, which raises off the main thread; ours must still answer
+    out = {}
+
+    def work():
+        out["eq"] = is_equiv("\\frac{2}{4}", "0.5000")
+        out["ne"] = is_equiv("\\frac{2}{5}", "0.5000")
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(60)
+    assert out == {"eq": True, "ne": False}
+
+
+def test_group_answers():
+    answers = ["1/2", "0.5", None, "3", "\\frac{1}{2}", "3.0", "7"]
+    assert group_answers(answers) == [0, 0, None, 1, 0, 1, 2]
+
+
+# ----------------------------------------------------------------------------- metrics vs brute force
+
+
+def _subsets(n, k):
+    return list(itertools.combinations(range(n), k))
+
+
+def brute_maj(class_ids, class_correct, k):
+    total = 0.0
+    for subset in _subsets(len(class_ids), k):
+        votes = {}
+        for i in subset:
+            if class_ids[i] is not None:
+                votes[class_ids[i]] = votes.get(class_ids[i], 0) + 1
+        if votes:
+            top = [c for c, v in votes.items() if v == max(votes.values())]
+            total += sum(class_correct[c] for c in top) / len(top)
+    return total / math.comb(len(class_ids), k)
+
+
+def brute_bon(scores, correct, k):
+    total = 0.0
+    for subset in _subsets(len(scores), k):
+        best = max(scores[i] for i in subset)
+        top = [i for i in subset if scores[i] == best]
+        total += sum(correct[i] for i in top) / len(top)
+    return total / math.comb(len(scores), k)
+
+
+def brute_weighted(scores, class_ids, class_correct, k):
+    total = 0.0
+    for subset in _subsets(len(scores), k):
+        mass = {}
+        for i in subset:
+            if class_ids[i] is not None:
+                mass[class_ids[i]] = mass.get(class_ids[i], 0.0) + scores[i]
+        if mass:
+            best = max(mass.values())
+            top = [c for c, v in mass.items() if abs(v - best) <= 1e-9 * max(1.0, abs(best))]
+            total += sum(class_correct[c] for c in top) / len(top)
+    return total / math.comb(len(scores), k)
+
+
+def brute_pass(correct, k):
+    return sum(any(correct[i] for i in s) for s in _subsets(len(correct), k)) / math.comb(len(correct), k)
+
+
+def _random_problem(rng, n):
+    n_classes = rng.randint(1, 4)
+    class_ids = [rng.choice([None, *range(n_classes)]) for _ in range(n)]
+    class_correct = {c: rng.random() < 0.4 for c in range(n_classes)}
+    # coarse scores make ties common, so the tie rules are exercised too
+    scores = [rng.choice([0.1, 0.5, 0.9, round(rng.random(), 3)]) for _ in range(n)]
+    return class_ids, class_correct, scores
+
+
+def test_metrics_match_brute_force_on_random_problems():
+    rng = random.Random(0)
+    for _ in range(150):
+        n = rng.randint(1, 9)
+        class_ids, class_correct, scores = _random_problem(rng, n)
+        correct = [c is not None and class_correct[c] for c in class_ids]
+        for k in range(1, n + 1):
+            assert pass_at_k(n, sum(correct), k) == pytest.approx(brute_pass(correct, k), abs=1e-12)
+            assert maj_at_k(class_ids, class_correct, k) == pytest.approx(brute_maj(class_ids, class_correct, k), abs=1e-12)
+            assert bon_at_k(scores, correct, k) == pytest.approx(brute_bon(scores, correct, k), abs=1e-12)
+            assert weighted_bon_at_k(scores, class_ids, class_correct, k) == pytest.approx(
+                brute_weighted(scores, class_ids, class_correct, k), abs=1e-12)
+
+
+def test_weighted_bon_subsampling_is_deterministic_and_close():
+    rng = random.Random(1)
+    class_ids, class_correct, scores = _random_problem(rng, 14)
+    exact = brute_weighted(scores, class_ids, class_correct, 6)  # C(14, 6) = 3003 subsets
+    a = weighted_bon_at_k(scores, class_ids, class_correct, 6, max_exact_subsets=100, num_subsets=4000)
+    b = weighted_bon_at_k(scores, class_ids, class_correct, 6, max_exact_subsets=100, num_subsets=4000)
+    assert a == b
+    assert a == pytest.approx(exact, abs=0.03)
+
+
+def test_edge_cases():
+    assert ks_for(64) == [1, 2, 4, 8, 16, 32, 64] and ks_for(6) == [1, 2, 4, 6] and ks_for(1) == [1]
+    assert pass_at_k(64, 0, 64) == 0.0 and pass_at_k(64, 1, 64) == 1.0 and pass_at_k(4, 1, 1) == 0.25
+    assert maj_at_k([None, None], {}, 2) == 0.0                                   # nobody answered
+    assert maj_at_k([0, 1], {0: True, 1: False}, 2) == 0.5                         # a tie splits evenly
+    with pytest.raises(ValueError):
+        pass_at_k(4, 1, 5)
+    with pytest.raises(ValueError):
+        bon_at_k([0.1, float("nan")], [True, False], 1)
+
+
+def test_bon_metrics_without_prm_leaves_prm_metrics_out():
+    out = bon_metrics([0, 0, 1, None], {0: True, 1: False})
+    assert set(out) == {"pass@1", "maj@1", "pass@2", "maj@2", "pass@4", "maj@4"}
+    assert out["maj@4"] == 1.0 and out["pass@1"] == 0.5
+    with_prm = bon_metrics([0, 0, 1, None], {0: True, 1: False}, scores=[0.1, 0.2, 0.9, 0.5])
+    assert with_prm["bon@4"] == 0.0 and with_prm["weighted_bon@4"] == 0.0  # 0.9 for the wrong class beats 0.3
