@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import io
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -183,7 +183,7 @@ def _unb64(s: str) -> torch.Tensor:
 def rng_state() -> dict:
     py = random.getstate()
     state = {"python": [py[0], list(py[1]), py[2]], "torch": _b64(torch.get_rng_state()),
-             "numpy": base64.b64encode(pickle_dumps(np.random.get_state())).decode()}
+             "numpy": base64.b64encode(pickle.dumps(np.random.get_state())).decode()}
     if torch.cuda.is_available():
         state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
     return state
@@ -192,19 +192,9 @@ def rng_state() -> dict:
 def set_rng_state(state: dict):
     random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
     torch.set_rng_state(_unb64(state["torch"]))
-    np.random.set_state(pickle_loads(base64.b64decode(state["numpy"])))
+    np.random.set_state(pickle.loads(base64.b64decode(state["numpy"])))
     if torch.cuda.is_available() and "cuda" in state:
         torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
-
-
-def pickle_dumps(obj) -> bytes:
-    import pickle
-    return pickle.dumps(obj)
-
-
-def pickle_loads(data: bytes):
-    import pickle
-    return pickle.loads(data)
 
 
 def latest_checkpoint(stage_dir: Path) -> Path | None:

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bench_prm.py --out runs/bench_prm                      # default PRM (needs the trained part)
     .venv/bin/python scripts/bench_prm.py --prm untrained --out runs/bench_prm      # same shapes, untrained head
-    .venv/bin/python scripts/bench_prm.py --prm untrained --problems 8 --samples 4 --device cpu --out /tmp/bench_prm
+    .venv/bin/python scripts/bench_prm.py --prm untrained --backbone ckpt/teacher --problems 8 --samples 4 --device cpu --out /tmp/bench_prm
 
 Completions are real worked solutions from the GSM8K / MATH *train* splits, cut into blank-line steps (one step per
 sentence) and randomly truncated / reordered per sample so lengths vary as sampled chains of thought do. Prints a
@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--prm", default="default", help="'default', 'untrained', a hub id or a PRM directory")
     parser.add_argument("--problems", type=int, default=500)
     parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--backbone", default=None, help="with --prm untrained: backbone directory (default: teacher)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--max-batch-tokens", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -54,8 +55,12 @@ def main() -> None:
 
     device = prm_lib._pick_device(args.device)
     if args.prm == "untrained":
-        from harness_ext.teacher import convert_teacher
-        prm = prm_lib.new_thinkfast_prm(convert_teacher(prm_lib.DEFAULT_TEACHER), prm_lib.TrainRecipe(), device,
+        if args.backbone:
+            backbone = Path(args.backbone)
+        else:
+            from harness_ext.teacher import convert_teacher
+            backbone = convert_teacher(prm_lib.DEFAULT_TEACHER)
+        prm = prm_lib.new_thinkfast_prm(backbone, prm_lib.TrainRecipe(), device,
                                         prm_lib._pick_dtype(device, None))
         prm.trained.eval()
     else:

@@ -8,6 +8,7 @@ subprocess doing every offline check, `python -m harness_ext.vllm_plugin.smoke`)
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -146,11 +147,16 @@ def prompts(tokenizer) -> list[list[int]]:
     return ids
 
 
-def pytorch_greedy(ckpt: Path, prompt: list[int], n: int) -> list[int]:
-    """Reference: the PyTorch model's full forward, re-run for every token (no cache involved)."""
+@functools.lru_cache(maxsize=None)
+def _pytorch_model(ckpt: Path):
     from harness_ext.models import load_model
 
-    model = load_model(ckpt)
+    return load_model(ckpt)
+
+
+def pytorch_greedy(ckpt: Path, prompt: list[int], n: int) -> list[int]:
+    """Reference: the PyTorch model's full forward, re-run for every token (no cache involved)."""
+    model = _pytorch_model(ckpt)
     seq = list(prompt)
     with torch.no_grad():
         for _ in range(n):
@@ -238,3 +244,139 @@ def test_register_is_reentrant_and_lazy():
     )
     proc = subprocess.run([sys.executable, "-c", code], env=vllm_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-4000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# `vllm serve` + OpenAI client, and lm-eval through the server and through the offline engine
+
+TINY_TASK = "thinkfast_vllm_tiny"
+TINY_DOCS = [{"question": "What is 2+3?", "answer": "5"}, {"question": "What is 10-4?", "answer": "6"},
+             {"question": "What is 3*3?", "answer": "9"}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_server(proc: subprocess.Popen, url: str, log: Path, timeout_s: float) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-6000:]}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(2)
+    raise AssertionError(f"vllm serve not healthy after {timeout_s:.0f}s:\n{log.read_text()[-6000:]}")
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def server(request, checkpoints, tmp_path_factory):
+    """(arch, base_url, checkpoint) of a real `vllm serve` on 127.0.0.1; killed at the end."""
+    arch = request.param
+    port = free_port()
+    log = tmp_path_factory.mktemp(f"serve_{arch}") / "serve.log"
+    vllm_cli = Path(sys.executable).parent / "vllm"
+    cmd = [str(vllm_cli), "serve", str(checkpoints[arch]), "--host", "127.0.0.1", "--port", str(port),
+           "--served-model-name", arch, "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
+           "--max-num-seqs", "8", "--seed", "0"]
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=vllm_env(),
+                                start_new_session=True)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_server(proc, base_url, log, timeout_s=420)
+        yield arch, base_url, checkpoints[arch]
+    finally:
+        import signal
+
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+
+
+def test_serve_completions_and_chat(server, offline_runs, prompts):
+    from openai import OpenAI
+
+    arch, base_url, _ = server
+    client = OpenAI(base_url=base_url + "/v1", api_key="EMPTY", max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list().data] == [arch]
+
+    # completions on token-id prompts: the same greedy tokens as the offline engine (and so as PyTorch)
+    for prompt, offline_ids in zip(prompts[:2], offline_runs[arch]["greedy_token_ids"]):
+        out = client.completions.create(model=arch, prompt=prompt, max_tokens=MAX_NEW_TOKENS, temperature=0.0,
+                                        extra_body={"ignore_eos": True, "return_token_ids": True})
+        assert out.choices[0].token_ids == offline_ids
+        assert out.usage.completion_tokens == MAX_NEW_TOKENS
+    text = client.completions.create(model=arch, prompt=PROMPT_TEXTS[0], max_tokens=8, temperature=0.0)
+    assert text.choices[0].text
+
+    # chat completions through the checkpoint's chat template: same answer as the offline llm.chat
+    chat = client.chat.completions.create(model=arch, messages=[{"role": "user", "content": CHAT_MESSAGE}],
+                                          max_tokens=8, temperature=0.0)
+    assert chat.choices[0].message.content == offline_runs[arch]["chat_text"]
+    assert chat.usage.prompt_tokens == len(offline_runs[arch]["chat_prompt_token_ids"])
+
+
+def write_tiny_task(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    data = root / "tiny.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in TINY_DOCS))
+    (root / f"{TINY_TASK}.yaml").write_text(
+        f"task: {TINY_TASK}\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: generate_until\n"
+        "doc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
+        "doc_to_target: \"{{answer}}\"\n"
+        "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 8\n  do_sample: false\n  temperature: 0.0\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return root
+
+
+def run_lm_eval(model: str, model_args: str, tmp: Path, timeout_s: int, env: dict | None = None) -> dict:
+    tasks_dir = write_tiny_task(tmp / "tasks")
+    out_dir = tmp / "lm_eval_out"
+    cmd = [sys.executable, "-m", "lm_eval", "--model", model, "--model_args", model_args, "--tasks", TINY_TASK,
+           "--include_path", str(tasks_dir), "--limit", "3", "--output_path", str(out_dir), "--log_samples"]
+    proc = subprocess.run(cmd, cwd=tmp, env=env or vllm_env(), capture_output=True, text=True, timeout=timeout_s)
+    assert proc.returncode == 0, f"lm_eval --model {model} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    results = sorted(out_dir.rglob("results_*.json"))
+    assert results, f"no results JSON under {out_dir}"
+    return json.loads(results[-1].read_text())
+
+
+def _check_tiny_results(results: dict) -> None:
+    task = results["results"][TINY_TASK]
+    score = next(v for k, v in task.items() if k.startswith("exact_match") and "stderr" not in k)
+    assert 0.0 <= score <= 1.0
+    assert results["n-samples"][TINY_TASK]["effective"] == 3
+
+
+def test_lm_eval_local_completions_against_server(server, tmp_path):
+    arch, base_url, ckpt = server
+    if arch != "mambainllama":
+        pytest.skip("one architecture is enough for the lm-eval client path")
+    model_args = (f"model={arch},base_url={base_url}/v1/completions,tokenizer_backend=huggingface,"
+                  f"tokenizer={ckpt},tokenized_requests=False,num_concurrent=1,max_retries=1,timeout=120")
+    _check_tiny_results(run_lm_eval("local-completions", model_args, tmp_path, timeout_s=300))
+
+
+def test_lm_eval_vllm_offline(checkpoints, tmp_path):
+    model_args = (f"pretrained={checkpoints['llamba']},dtype=float32,enforce_eager=True,max_model_len=512,"
+                  "gpu_memory_utilization=0.3,seed=0")
+    env = vllm_env() | {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # engine in lm_eval's process: faster start
+    _check_tiny_results(run_lm_eval("vllm", model_args, tmp_path, timeout_s=480, env=env))

