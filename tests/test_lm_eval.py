@@ -344,11 +344,11 @@ def test_cli_reports_a_missing_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_teacher_gsm8k_best_of_n(teacher_dir, tmp_path):
-    """The real teacher, 3 GSM8K problems x 4 samples, chat template, through the CLI."""
+    """The real teacher, 3 GSM8K problems x 4 samples, chat template, through the CLI (64 new tokens: CPU time)."""
     metrics_from_records = task_utils().metrics_from_records
     proc = run_lm_eval(["--model", "thinkfast", "--model_args", f"pretrained={teacher_dir}", "--device", "cpu",
                         "--tasks", "gsm8k500_bon", "--limit", "3", "--apply_chat_template", "--batch_size", "12",
-                        "--gen_kwargs", "max_gen_toks=256", "--metadata", json.dumps({"n": 4}),
+                        "--gen_kwargs", "max_gen_toks=64", "--metadata", json.dumps({"n": 4}),
                         "--log_samples", "--output_path", str(tmp_path)], cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-6000:]
     results, samples = read_outputs(tmp_path)
@@ -359,8 +359,9 @@ def test_teacher_gsm8k_best_of_n(teacher_dir, tmp_path):
     for name, value in reported.items():
         assert value == pytest.approx(sum(m[name] for m in per_doc) / 3, abs=1e-12)
     records = [json.loads(r) for doc in docs for r in doc["filtered_resps"][0]]
-    # the instruct teacher follows the prompt: most of its answers are parsable
+    # the instruct teacher does arithmetic: most completions hold a number to parse
     assert sum(r["answer"] is not None for r in records) >= len(records) // 2
+    assert all(len(doc["resps"][0]) == 4 and all(doc["resps"][0]) for doc in docs)
     assert reported["pass@4"] >= reported["pass@1"]
 
 

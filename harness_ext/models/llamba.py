@@ -45,6 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import PretrainedConfig
 
+from . import decode_kernels as ssd_decode
 from . import ssd
 from .runtime import DecoderLayer, ForwardContext, HybridForCausalLM, SSMMixerBase
 
@@ -147,6 +148,18 @@ class DiscreteMamba2(SSMMixerBase):
         y = ssd.ssd_step(layer_state["ssm_state"], (x / dt.unsqueeze(-1)).to(x.dtype), dt, self._A(), B, C)
         y = y + x * self.D.view(-1, 1).to(x.dtype)
         return self._out(y.flatten(-2), z)
+
+    def step_fast(self, hidden, layer_state, ctx=None):
+        """`step` in four kernels: in_proj GEMM, conv, discrete SSM step with D and the z gate fused, out_proj GEMM."""
+        batch = hidden.shape[0]
+        xBC, z, dt = self._split_in_proj(F.linear(hidden, self.in_proj.weight, self.in_proj.bias))
+        xBC = ssd_decode.conv_step(layer_state["conv_state"], xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                   silu=self.conv_activation == "silu")
+        x, B, C = torch.split(xBC, [self.d_inner, self.n_qk_heads * self.d_state, self.n_qk_heads * self.d_state], dim=-1)
+        y = ssd_decode.ssm_step(layer_state["ssm_state"], x.view(batch, self.nheads, self.headdim), dt, self.A_log,
+                                B.view(batch, self.n_qk_heads, self.d_state), C.view(batch, self.n_qk_heads, self.d_state),
+                                D=self.D, z=z, z_bias=self.z_bias, dt_softplus=True, discrete=True)
+        return F.linear(y.view(batch, self.d_inner), self.out_proj.weight, self.out_proj.bias)
 
     def materialize_mixing_matrix(self, hidden_states, seq_idx=None):
         """[B, n_v_heads, L, L]: y_i = sum_j M[i, j] x_j for this mixer's (post-conv) x, before D and the gate."""

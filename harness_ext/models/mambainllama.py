@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import LlamaConfig
 
+from . import decode_kernels as ssd_decode
 from . import ssd
 from .runtime import DecoderLayer, ForwardContext, HybridForCausalLM, LlamaAttention, SSMMixerBase
 
@@ -128,6 +129,23 @@ class MambaInLlamaMixer(SSMMixerBase):
         y = ssd.ssd_step(layer_state["ssm_state"], x, dt, self._A(), B, C, D=self.D, dt_bias=self.dt_bias,
                          dt_softplus=True)
         return self._out(y.flatten(-2), z)
+
+    def step_fast(self, hidden, layer_state, ctx=None):
+        """`step` in five kernels: in_proj GEMM, conv (state shift + conv + SiLU), SSM step (dt bias/softplus, D;
+        x and B read at KV width), gated RMSNorm, out_proj GEMM. hidden [B, hidden] -> [B, hidden]."""
+        batch = hidden.shape[0]
+        z, xBC, dt = self._split_in_proj(F.linear(hidden, self.in_proj.weight))
+        xBC = ssd_decode.conv_step(layer_state["conv_state"], xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                   silu=True)
+        x, B, C = torch.split(xBC, [self.d_xb, self.d_xb, self.d_inner], dim=-1)
+        y = ssd_decode.ssm_step(layer_state["ssm_state"], x.view(batch, self.n_kv_heads, self.headdim), dt,
+                                self.A_log, B.view(batch, self.n_kv_heads, self.d_state),
+                                C.view(batch, self.nheads, self.d_state), D=self.D, dt_bias=self.dt_bias,
+                                dt_softplus=True)
+        gated_norm = ssd.gated_rmsnorm if y.is_cuda else ssd.gated_rmsnorm_ref
+        y = gated_norm(y.view(batch, self.d_inner), z, self.norm.weight, eps=self.norm_eps,
+                       group_size=self.norm_group_size)
+        return F.linear(y, self.out_proj.weight)
 
     def materialize_mixing_matrix(self, hidden_states, seq_idx=None):
         """[B, nheads, L, L]: M with y_i = sum_j M[i, j] x_j for this mixer's (post-conv) x, before D and the gate."""

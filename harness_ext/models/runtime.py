@@ -25,6 +25,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import (LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding,
                                                       apply_rotary_pos_emb, repeat_kv)
 
+from . import decode_kernels as dk
 from . import ssd
 
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,6 +35,24 @@ def state_dtype(name: str) -> torch.dtype:
     if name not in STATE_DTYPES:
         raise ValueError(f"ssm_state_dtype must be one of {sorted(STATE_DTYPES)}, got {name!r}")
     return STATE_DTYPES[name]
+
+
+def fused_linear_weight(owner: nn.Module, name: str, linears: list[nn.Linear]):
+    """(weight, bias) of `linears` stacked along the output dim, cached on `owner` and rebuilt when a source
+    tensor changes (data_ptr or version): one GEMM instead of several in the decode step."""
+    params = [t for lin in linears for t in (lin.weight, lin.bias) if t is not None]
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in params)
+    cache = owner.__dict__.setdefault("_fused_linear_cache", {})
+    hit = cache.get(name)
+    if hit is None or hit[0] != key:
+        with torch.no_grad():
+            weight = torch.cat([lin.weight for lin in linears], dim=0)
+            bias = None
+            if any(lin.bias is not None for lin in linears):
+                bias = torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
+                                  for lin in linears])
+        hit = cache[name] = (key, weight, bias)
+    return hit[1], hit[2]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,6 +216,20 @@ class LlamaAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k_cache.to(q.dtype), v_cache.to(q.dtype), attn_mask=ctx.attn_mask,
                                              scale=self.scaling, enable_gqa=self.num_heads != self.num_kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
+
+    def step_fast(self, hidden, layer_state, ctx: ForwardContext):
+        """hidden [B, D] -> [B, D]: one fused QKV GEMM, RoPE + cache write in one kernel, and the query heads of
+        each KV head attend as a block of `groups` query rows (no K/V repeat, no enable_gqa needed)."""
+        batch = hidden.shape[0]
+        weight, bias = fused_linear_weight(self, "qkv", [self.q_proj, self.k_proj, self.v_proj])
+        qkv = F.linear(hidden, weight, bias)
+        k_cache, v_cache = layer_state["k_cache"], layer_state["v_cache"]
+        q = dk.rope_kv_write(qkv, self.num_heads, self.num_kv_heads, ctx.cos, ctx.sin, k_cache, v_cache,
+                             ctx.decode_state.seqlens)
+        groups = self.num_heads // self.num_kv_heads
+        q = q.view(batch, self.num_kv_heads, groups, self.head_dim)
+        out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=ctx.attn_mask, scale=self.scaling)
+        return self.o_proj(out.reshape(batch, -1))
 
     def allocate_state(self, batch_size, max_seqlen, device, dtype):
         shape = (batch_size, self.num_kv_heads, max_seqlen, self.head_dim)
@@ -526,15 +559,57 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def decode_step(self, input_ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
-        """One token for every slot at position `state.seqlens` (all slots advance); returns logits [B, vocab]."""
-        hidden = self.model.embed_tokens(input_ids.view(-1, 1))
+        """One token for every slot at position `state.seqlens` (all slots advance); returns logits [B, vocab].
+        Fused Triton kernels on CUDA (`decode_kernels`), the layer-by-layer PyTorch reference otherwise."""
+        if dk.fast_decode_enabled(self.lm_head.weight):
+            return self._decode_step_fast(input_ids, state)
+        return self.decode_step_ref(input_ids, state)
+
+    def _decode_context(self, hidden, state: DecodeState) -> ForwardContext:
+        """RoPE cos/sin and the additive key mask [B, 1, 1, max_seqlen], computed once per step for all layers."""
         ctx = ForwardContext(mode="decode", decode_state=state)
         if self.model.rotary_emb is not None:
-            ctx.cos, ctx.sin = self.model.rotary_emb(hidden, state.seqlens.long().view(-1, 1))
+            positions = state.seqlens.long().view(-1, 1)
+            ctx.cos, ctx.sin = self.model.rotary_emb(hidden.view(positions.shape[0], 1, -1), positions)
             key_pos = torch.arange(state.max_seqlen, device=hidden.device)
-            ctx.attn_mask = (key_pos.view(1, -1) <= state.seqlens.view(-1, 1)).view(-1, 1, 1, state.max_seqlen)
+            allowed = key_pos.view(1, -1) <= state.seqlens.view(-1, 1)
+            ctx.attn_mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device).masked_fill_(
+                ~allowed, float("-inf")).view(-1, 1, 1, state.max_seqlen)
+        return ctx
+
+    @torch.no_grad()
+    def decode_step_ref(self, input_ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """`decode_step` through the layers' PyTorch `step` (CPU path and oracle)."""
+        hidden = self.model.embed_tokens(input_ids.view(-1, 1))
+        ctx = self._decode_context(hidden, state)
         for layer, layer_state in zip(self.model.layers, state.layers):
             hidden = layer(hidden, ctx=ctx, layer_state=layer_state)
         logits = self.lm_head(self.model.norm(hidden[:, 0])).float()
+        state.seqlens.add_(1)
+        return logits
+
+    def _decode_step_fast(self, input_ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        hidden = self.model.embed_tokens(input_ids.view(-1))                       # [B, D]
+        ctx = self._decode_context(hidden, state)
+        if ctx.cos is not None:
+            ctx.cos, ctx.sin = ctx.cos.view(hidden.shape[0], -1), ctx.sin.view(hidden.shape[0], -1)
+        residual = None
+        for layer, layer_state in zip(self.model.layers, state.layers):
+            normed, residual = dk.add_rms_norm(hidden, residual, layer.input_layernorm.weight,
+                                               layer.input_layernorm.variance_epsilon)
+            mixed = layer.token_mixer.step_fast(normed, layer_state, ctx)
+            normed, residual = dk.add_rms_norm(mixed, residual, layer.post_attention_layernorm.weight,
+                                               layer.post_attention_layernorm.variance_epsilon)
+            mlp = layer.mlp
+            weight, bias = fused_linear_weight(mlp, "gate_up", [mlp.gate_proj, mlp.up_proj])
+            gate_up = F.linear(normed, weight, bias)
+            if mlp.config.hidden_act in ("silu", "swish"):
+                act = dk.silu_mul(*gate_up.chunk(2, dim=-1))
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                act = mlp.act_fn(gate) * up
+            hidden = mlp.down_proj(act)
+        normed, _ = dk.add_rms_norm(hidden, residual, self.model.norm.weight, self.model.norm.variance_epsilon)
+        logits = self.lm_head(normed).float()
         state.seqlens.add_(1)
         return logits

@@ -215,7 +215,10 @@ def ssd_scan_ref(x, dt, A, B, C, D=None, z=None, seq_idx=None, initial_states=No
         states = entering[0, c_idx] * carry.view(-1, nheads, 1, 1)
         upto = torch.arange(chunk, device=x.device).view(1, chunk) <= q_idx.view(-1, 1)          # [d, q]
         same = sc[0, c_idx] == sc[0, c_idx, q_idx].unsqueeze(-1)                                # [d, q]
-        weight = torch.exp(cum_e.unsqueeze(1) - cum[0, c_idx]) * (upto & same).unsqueeze(-1) * dtc[0, c_idx]
+        # mask the exponent, not the product: after the document's end cum_e - cum > 0 can overflow to inf
+        # (long chunks, strong decay), and inf * 0 = NaN would poison the state
+        keep = (upto & same).unsqueeze(-1)
+        weight = torch.exp((cum_e.unsqueeze(1) - cum[0, c_idx]).masked_fill(~keep, -float("inf"))) * dtc[0, c_idx]
         states = states + torch.einsum("dqh,dqhp,dqhn->dhpn", weight, xc[0, c_idx], Bc[0, c_idx])
         outputs.append(states)
     return outputs[0] if len(outputs) == 1 else tuple(outputs)
@@ -292,8 +295,10 @@ def ssd_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fa
         # Broadcast per-head scalars over headdim/dstate with stride 0: the kernel detects this ("tie_hdim").
         A_full = A.float().view(nheads, 1, 1).expand(nheads, headdim, dstate)
         dt_full = dt.view(*dt.shape, 1).expand(*dt.shape, headdim)
-        dt_bias_full = None if dt_bias is None else dt_bias.view(nheads, 1).expand(nheads, headdim)
-        D_full = None if D is None else (D.view(nheads, 1).expand(nheads, headdim) if D.dim() == 1 else D)
+        # mamba-ssm 2.3.2 reads dt_bias.stride() and D.stride() unconditionally: pass zeros (stride 0) for None.
+        zeros = torch.zeros((), device=x.device, dtype=torch.float32).expand(nheads, headdim)
+        dt_bias_full = zeros if dt_bias is None else dt_bias.view(nheads, 1).expand(nheads, headdim)
+        D_full = zeros if D is None else (D.view(nheads, 1).expand(nheads, headdim) if D.dim() == 1 else D)
         return kernels["selective_state_update"](state, x, dt_full, A_full, B, C, D=D_full, z=z,
                                                  dt_bias=dt_bias_full, dt_softplus=dt_softplus)
     return ssd_step_ref(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)

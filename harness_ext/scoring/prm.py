@@ -36,7 +36,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -180,7 +180,7 @@ class PRM:
                            f"got {type(tokenizer).__name__}")
         self.base, self.tokenizer, self.device, self.dtype = base, tokenizer, device, dtype
         self.step_mode = step_mode
-        self.max_batch_tokens = max_batch_tokens or (65536 if device.type == "cuda" else 8192)
+        self.max_batch_tokens = max_batch_tokens or (131072 if device.type == "cuda" else 8192)
         self.max_batch_size = max_batch_size
         self.max_length = getattr(base.config, "max_position_embeddings", None)
 
@@ -209,19 +209,26 @@ class PRM:
         return split_steps(completion, self.step_mode)
 
     def encode(self, problem: str, steps: list[str]) -> Encoded:
-        if not steps:
-            return Encoded([], [])
-        text, chars = self.layout(problem, steps)
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        positions = []
-        for char in chars:
-            index = _char_to_token(offsets, char)
-            self.check_token(ids[index])
-            positions.append(self.token_position(index))
-        if self.max_length is not None and len(ids) > self.max_length:
-            raise PRMError(f"PRM input of {len(ids)} tokens exceeds the model's {self.max_length} positions")
-        return Encoded(list(ids), positions)
+        return self.encode_many([problem], [steps])[0]
+
+    def encode_many(self, problems: Sequence[str], steps_lists: Sequence[list[str]]) -> list[Encoded]:
+        """Lay out and tokenize many completions at once (one batched call into the Rust tokenizer)."""
+        out = [Encoded([], []) for _ in problems]
+        todo = [i for i, steps in enumerate(steps_lists) if steps]
+        layouts = [self.layout(problems[i], steps_lists[i]) for i in todo]
+        if not layouts:
+            return out
+        enc = self.tokenizer([text for text, _ in layouts], add_special_tokens=False, return_offsets_mapping=True)
+        for i, (_, chars), ids, offsets in zip(todo, layouts, enc["input_ids"], enc["offset_mapping"]):
+            if self.max_length is not None and len(ids) > self.max_length:
+                raise PRMError(f"PRM input of {len(ids)} tokens exceeds the model's {self.max_length} positions")
+            positions = []
+            for char in chars:
+                index = _char_to_token(offsets, char)
+                self.check_token(ids[index])
+                positions.append(self.token_position(index))
+            out[i] = Encoded(list(ids), positions)
+        return out
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -272,14 +279,15 @@ class PRM:
         """Score completions of many problems in shared batches: result[p][c] is the step-score list."""
         if len(problems) != len(completions):
             raise PRMError(f"{len(problems)} problems but {len(completions)} completion lists")
-        flat, owners = [], []
+        flat_problems, flat_steps, owners = [], [], []
         for p, (problem, comps) in enumerate(zip(problems, completions)):
             if isinstance(comps, str):
                 raise PRMError("completions must be a list of strings per problem, not one string")
             for c in comps:
-                flat.append(self.encode(problem, self.steps(c)))
+                flat_problems.append(problem)
+                flat_steps.append(self.steps(c))
                 owners.append(p)
-        scores = self.score_encoded(flat, progress=progress)
+        scores = self.score_encoded(self.encode_many(flat_problems, flat_steps), progress=progress)
         result: list[list[list[float]]] = [[] for _ in problems]
         for p, s in zip(owners, scores):
             result[p].append(s)
@@ -544,9 +552,18 @@ class ThinkfastPRM(PRM):
     def __init__(self, backbone: nn.Module, tokenizer, trained: TrainedPart, device, dtype, **kw):
         super().__init__(backbone, tokenizer, device, dtype, **kw)
         self.trained = trained
+        self._prompt_cache: dict[str, str] = {}
         trained.attach(backbone)
 
     def prompt_text(self, problem: str) -> str:
+        if problem in self._prompt_cache:  # 64 completions per problem share one rendered prompt
+            return self._prompt_cache[problem]
+        if len(self._prompt_cache) > 4096:
+            self._prompt_cache.clear()
+        self._prompt_cache[problem] = self._render_prompt(problem)
+        return self._prompt_cache[problem]
+
+    def _render_prompt(self, problem: str) -> str:
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template([{"role": "user", "content": problem}], tokenize=False,
                                                       add_generation_prompt=True)
@@ -1027,6 +1044,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are shipped and shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,0 +1,351 @@
+"""Fused one-token (decode) kernels in Triton, each with a pure-PyTorch `*_ref` twin (CPU path and test oracle).
+
+`decode_step` is memory- and launch-bound: at batch 1 a layer of a few dozen tiny elementwise kernels costs more
+than its GEMMs, and at batch 1024 every extra pass over the fp32 SSM state (150 MB per layer) costs ~0.1 ms.
+These kernels cut a Mamba layer to in_proj GEMM, `conv_step`, `ssm_step`, (gated norm), out_proj GEMM, and
+the rest of a block to `add_rms_norm` + gate/up GEMM + `silu_mul` + down GEMM; attention gets `rope_kv_write`.
+They read views of the in_proj output directly (strides are passed), never copy x/B at KV width to the query
+heads (`ssm_step` maps head h to x head h // x_rep), and write the states in place.
+
+Used when `fast_decode_enabled(tensor)`: Triton importable, tensors on CUDA, `THINKFAST_KERNELS` not `ref`; or,
+for tests on CPU, `TRITON_INTERPRET=1` (set before import) with `THINKFAST_KERNELS=triton`:
+
+    TRITON_INTERPRET=1 THINKFAST_KERNELS=triton python -m pytest tests/test_models.py -k fast_decode
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs without Triton: the *_ref twins run instead
+    triton = None
+    tl = None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def fast_decode_enabled(tensor: torch.Tensor) -> bool:
+    from .ssd import kernel_mode
+
+    mode = kernel_mode()
+    if triton is None or mode == "ref":
+        return False
+    if tensor.is_cuda:
+        return True
+    return interpreting() and mode == "triton"
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(n)
+
+
+# --------------------------------------------------------------------------------------------------
+# depthwise causal conv, one token: conv_state [b, c, K] (newest last) <- shift + x; out = act(sum w*state + bias)
+
+
+def conv_step_ref(conv_state, x, weight, bias=None, silu=False):
+    conv_state.copy_(torch.cat([conv_state[:, :, 1:], x.unsqueeze(-1).to(conv_state.dtype)], dim=-1))
+    out = (conv_state.float() * weight.float()).sum(-1)
+    if bias is not None:
+        out = out + bias.float()
+    if silu:
+        out = F.silu(out)
+    return out.to(x.dtype)
+
+
+if triton is not None:
+    @triton.jit
+    def _conv_step_kernel(state_ptr, x_ptr, w_ptr, bias_ptr, out_ptr, channels,
+                          stride_state_b, stride_state_c, stride_state_k, stride_x_b, stride_out_b,
+                          WIDTH: tl.constexpr, WIDTH_P2: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
+        row = tl.program_id(0)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        k = tl.arange(0, WIDTH_P2)
+        c_ok = c < channels
+        state_ptrs = state_ptr + row * stride_state_b + c[:, None] * stride_state_c
+        # every load happens before the (overlapping) store of the shifted window
+        shifted = tl.load(state_ptrs + (k[None, :] + 1) * stride_state_k,
+                          mask=c_ok[:, None] & (k[None, :] + 1 < WIDTH), other=0.0)
+        x = tl.load(x_ptr + row * stride_x_b + c, mask=c_ok, other=0.0)
+        window = tl.where(k[None, :] == WIDTH - 1, x.to(shifted.dtype)[:, None], shifted)
+        w = tl.load(w_ptr + c[:, None] * WIDTH + k[None, :], mask=c_ok[:, None] & (k[None, :] < WIDTH), other=0.0)
+        acc = tl.sum(window.to(tl.float32) * w.to(tl.float32), axis=1)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        if SILU:
+            acc = acc * tl.sigmoid(acc)
+        tl.store(state_ptrs + k[None, :] * stride_state_k, window, mask=c_ok[:, None] & (k[None, :] < WIDTH))
+        tl.store(out_ptr + row * stride_out_b + c, acc.to(out_ptr.dtype.element_ty), mask=c_ok)
+
+
+def conv_step(conv_state, x, weight, bias=None, silu=False):
+    """x [b, c] (last dim contiguous; may be a column slice), weight [c, K] contiguous; state updated in place."""
+    if not fast_decode_enabled(x):
+        return conv_step_ref(conv_state, x, weight, bias, silu)
+    batch, channels = x.shape
+    width = weight.shape[-1]
+    assert x.stride(-1) == 1 and weight.is_contiguous() and conv_state.shape == (batch, channels, width)
+    out = torch.empty(batch, channels, device=x.device, dtype=x.dtype)
+    block = 128
+    _conv_step_kernel[(batch, triton.cdiv(channels, block))](
+        conv_state, x, weight, bias if bias is not None else weight, out, channels,
+        conv_state.stride(0), conv_state.stride(1), conv_state.stride(2), x.stride(0), out.stride(0),
+        WIDTH=width, WIDTH_P2=_pow2(width), HAS_BIAS=bias is not None, SILU=silu, BLOCK_C=block, num_warps=4)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# SSM recurrence, one token, both students:
+#   dt' = softplus(dt + dt_bias) (or dt + dt_bias);  A = -exp(A_log)
+#   state = exp(A dt') state + (x if discrete else dt' x) outer B;   y = state @ C + D x;   y *= silu(z + z_bias)
+# state [b, h, p, n]; x [b, h / x_rep, p] (head h reads x head h // x_rep: MambaInLlama's KV-width x);
+# B [b, gB, n], C [b, gC, n] (head h reads group h // (h_total / g)); dt [b, h]; z [b, h, p]; z_bias [h * p].
+
+
+def ssm_step_ref(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, z_bias=None, dt_softplus=True,
+                 discrete=False):
+    batch, nheads, headdim, _ = state.shape
+    xf = x.float().repeat_interleave(nheads // x.shape[1], dim=1)
+    Bf = B.float().repeat_interleave(nheads // B.shape[1], dim=1)
+    Cf = C.float().repeat_interleave(nheads // C.shape[1], dim=1)
+    dt = dt.float() + (dt_bias.float() if dt_bias is not None else 0.0)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    decay = torch.exp(dt * -torch.exp(A_log.float()))
+    inp = xf if discrete else xf * dt.unsqueeze(-1)
+    new_state = state.float() * decay[..., None, None] + inp.unsqueeze(-1) * Bf.unsqueeze(-2)
+    state.copy_(new_state)
+    y = torch.einsum("bhpn,bhn->bhp", new_state, Cf)
+    if D is not None:
+        y = y + xf * D.float().view(1, nheads, 1)
+    if z is not None:
+        zf = z.float().view(batch, nheads, headdim)
+        if z_bias is not None:
+            zf = zf + z_bias.float().view(nheads, headdim)
+        y = y * F.silu(zf)
+    return y.to(x.dtype)
+
+
+if triton is not None:
+    @triton.jit
+    def _ssm_step_kernel(state_ptr, x_ptr, dt_ptr, dt_bias_ptr, A_log_ptr, B_ptr, C_ptr, D_ptr, z_ptr, z_bias_ptr,
+                         out_ptr, headdim, dstate, x_rep, b_rep, c_rep,
+                         stride_state_b, stride_state_h, stride_state_p, stride_state_n,
+                         stride_x_b, stride_x_h, stride_dt_b, stride_B_b, stride_B_g, stride_C_b, stride_C_g,
+                         stride_z_b, stride_out_b,
+                         HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, DISCRETE: tl.constexpr,
+                         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_Z_BIAS: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        row = tl.program_id(1)
+        head = tl.program_id(2)
+        n = tl.arange(0, BLOCK_N)
+        p_ok, n_ok = p < headdim, n < dstate
+
+        dt = tl.load(dt_ptr + row * stride_dt_b + head).to(tl.float32)
+        if HAS_DT_BIAS:
+            dt += tl.load(dt_bias_ptr + head).to(tl.float32)
+        if DT_SOFTPLUS:
+            dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(dt, 20.0))), dt)
+        decay = tl.exp(-tl.exp(tl.load(A_log_ptr + head).to(tl.float32)) * dt)
+
+        x = tl.load(x_ptr + row * stride_x_b + (head // x_rep) * stride_x_h + p, mask=p_ok, other=0.0).to(tl.float32)
+        Bv = tl.load(B_ptr + row * stride_B_b + (head // b_rep) * stride_B_g + n, mask=n_ok, other=0.0).to(tl.float32)
+        Cv = tl.load(C_ptr + row * stride_C_b + (head // c_rep) * stride_C_g + n, mask=n_ok, other=0.0).to(tl.float32)
+        state_ptrs = (state_ptr + row * stride_state_b + head * stride_state_h
+                      + p[:, None] * stride_state_p + n[None, :] * stride_state_n)
+        tile_ok = p_ok[:, None] & n_ok[None, :]
+        state = tl.load(state_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
+        if DISCRETE:
+            inp = x
+        else:
+            inp = x * dt
+        state = state * decay + inp[:, None] * Bv[None, :]
+        tl.store(state_ptrs, state.to(state_ptr.dtype.element_ty), mask=tile_ok)
+        y = tl.sum(state * Cv[None, :], axis=1)
+        if HAS_D:
+            y += x * tl.load(D_ptr + head).to(tl.float32)
+        if HAS_Z:
+            z = tl.load(z_ptr + row * stride_z_b + head * headdim + p, mask=p_ok, other=0.0).to(tl.float32)
+            if HAS_Z_BIAS:
+                z += tl.load(z_bias_ptr + head * headdim + p, mask=p_ok, other=0.0).to(tl.float32)
+            y = y * z * tl.sigmoid(z)
+        tl.store(out_ptr + row * stride_out_b + head * headdim + p, y.to(out_ptr.dtype.element_ty), mask=p_ok)
+
+
+def ssm_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, z_bias=None, dt_softplus=True, discrete=False):
+    """One token of the SSM for every row; `state` updated in place; returns y [b, h, p] in x's dtype.
+    x/B/C/dt/z may be strided views (last dim contiguous), e.g. column slices of the in_proj output."""
+    if not fast_decode_enabled(x):
+        return ssm_step_ref(state, x, dt, A_log, B, C, D, z, dt_bias, z_bias, dt_softplus, discrete)
+    batch, nheads, headdim, dstate = state.shape
+    for name, t in (("x", x), ("B", B), ("C", C), ("dt", dt), ("z", z)):
+        if t is not None and t.stride(-1) != 1:
+            raise ValueError(f"ssm_step: {name} needs a contiguous last dimension")
+    if z is not None and z.dim() == 3 and z.stride(1) != headdim:
+        raise ValueError("ssm_step: z heads must be adjacent (stride headdim)")
+    out = torch.empty(batch, nheads, headdim, device=x.device, dtype=x.dtype)
+    block_p = min(16, _pow2(headdim))
+    dummy = A_log
+    _ssm_step_kernel[(triton.cdiv(headdim, block_p), batch, nheads)](
+        state, x, dt, dt_bias if dt_bias is not None else dummy, A_log, B, C, D if D is not None else dummy,
+        z if z is not None else x, z_bias if z_bias is not None else dummy, out,
+        headdim, dstate, nheads // x.shape[1], nheads // B.shape[1], nheads // C.shape[1],
+        state.stride(0), state.stride(1), state.stride(2), state.stride(3),
+        x.stride(0), x.stride(1), dt.stride(0), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
+        z.stride(0) if z is not None else 0, out.stride(0),
+        HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, DISCRETE=discrete, HAS_D=D is not None,
+        HAS_Z=z is not None, HAS_Z_BIAS=z_bias is not None, BLOCK_P=block_p, BLOCK_N=_pow2(dstate), num_warps=4)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# residual add + RMSNorm (Llama's: normalise in fp32, round to the input dtype, then scale)
+
+
+def add_rms_norm_ref(x, residual, weight, eps):
+    """Returns (rmsnorm(x + residual) * weight, x + residual); residual None means x alone."""
+    hidden = x if residual is None else x + residual
+    h = hidden.float()
+    normed = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(hidden.dtype)
+    return weight * normed, hidden
+
+
+if triton is not None:
+    @triton.jit
+    def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, width, eps, stride_x, stride_res,
+                             HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < width
+        h = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
+        if HAS_RES:
+            h = h + tl.load(res_ptr + row * stride_res + cols, mask=ok, other=0.0)
+            tl.store(sum_ptr + row * width + cols, h, mask=ok)
+        hf = h.to(tl.float32)
+        inv = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / width + eps)
+        normed = (hf * inv).to(h.dtype)
+        w = tl.load(w_ptr + cols, mask=ok, other=0.0)
+        tl.store(out_ptr + row * width + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def add_rms_norm(x, residual, weight, eps):
+    if not fast_decode_enabled(x):
+        return add_rms_norm_ref(x, residual, weight, eps)
+    batch, width = x.shape
+    assert x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    hidden = x if residual is None else torch.empty_like(out)
+    _add_rms_norm_kernel[(batch,)](x, residual if residual is not None else x, weight, out, hidden, width, eps,
+                                   x.stride(0), residual.stride(0) if residual is not None else 0,
+                                   HAS_RES=residual is not None, BLOCK=_pow2(width), num_warps=4)
+    return out, hidden
+
+
+# --------------------------------------------------------------------------------------------------
+# Llama MLP activation: silu(gate) * up (rounded like eager: silu output in the input dtype)
+
+
+def silu_mul_ref(gate, up):
+    return F.silu(gate) * up
+
+
+if triton is not None:
+    @triton.jit
+    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, width, stride_g, stride_u, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < width
+        g = tl.load(g_ptr + row * stride_g + cols, mask=ok, other=0.0)
+        u = tl.load(u_ptr + row * stride_u + cols, mask=ok, other=0.0)
+        gf = g.to(tl.float32)
+        act = (gf * tl.sigmoid(gf)).to(g.dtype)
+        tl.store(out_ptr + row * width + cols, act * u, mask=ok)
+
+
+def silu_mul(gate, up):
+    if not fast_decode_enabled(gate):
+        return silu_mul_ref(gate, up)
+    batch, width = gate.shape
+    out = torch.empty(batch, width, device=gate.device, dtype=gate.dtype)
+    block = 512
+    _silu_mul_kernel[(batch, triton.cdiv(width, block))](gate, up, out, width, gate.stride(0), up.stride(0),
+                                                         BLOCK=block, num_warps=4)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# attention: RoPE on q and k, k and v written into the caches at each row's position
+
+
+def rope_kv_write_ref(q, k, v, cos, sin, k_cache, v_cache, positions):
+    """q [b, hq, d], k/v [b, hkv, d], cos/sin [b, d] (HF layout: both halves equal); writes k (rotated) and v at
+    k_cache[b, :, positions[b]]; returns rotated q [b, hq, d]."""
+    def rotate(t):
+        half = t.shape[-1] // 2
+        rotated = torch.cat([-t[..., half:], t[..., :half]], dim=-1)
+        return (t * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)).to(t.dtype)
+
+    rows = torch.arange(q.shape[0], device=q.device)
+    k_cache[rows, :, positions] = rotate(k).to(k_cache.dtype)
+    v_cache[rows, :, positions] = v.to(v_cache.dtype)
+    return rotate(q)
+
+
+if triton is not None:
+    @triton.jit
+    def _rope_kv_write_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
+                              n_q, n_kv, stride_qkv_b, stride_cos_b,
+                              stride_kc_b, stride_kc_h, stride_kc_s, stride_vc_b, stride_vc_h, stride_vc_s,
+                              HALF: tl.constexpr):
+        row = tl.program_id(0)
+        head = tl.program_id(1)                      # 0..n_q-1: q, then n_kv k heads, then n_kv v heads
+        i = tl.arange(0, HALF)
+        base = qkv_ptr + row * stride_qkv_b + head * 2 * HALF
+        lo = tl.load(base + i)
+        hi = tl.load(base + HALF + i)
+        pos = tl.load(pos_ptr + row).to(tl.int64)
+        if head < n_q + n_kv:
+            c_lo = tl.load(cos_ptr + row * stride_cos_b + i).to(tl.float32)
+            c_hi = tl.load(cos_ptr + row * stride_cos_b + HALF + i).to(tl.float32)
+            s_lo = tl.load(sin_ptr + row * stride_cos_b + i).to(tl.float32)
+            s_hi = tl.load(sin_ptr + row * stride_cos_b + HALF + i).to(tl.float32)
+            lo_f, hi_f = lo.to(tl.float32), hi.to(tl.float32)
+            new_lo = (lo_f * c_lo - hi_f * s_lo).to(lo.dtype)
+            new_hi = (hi_f * c_hi + lo_f * s_hi).to(lo.dtype)
+            if head < n_q:
+                dst = q_out_ptr + (row * n_q + head) * 2 * HALF
+            else:
+                dst = k_cache_ptr + row * stride_kc_b + (head - n_q) * stride_kc_h + pos * stride_kc_s
+            tl.store(dst + i, new_lo.to(dst.dtype.element_ty))
+            tl.store(dst + HALF + i, new_hi.to(dst.dtype.element_ty))
+        else:
+            dst = v_cache_ptr + row * stride_vc_b + (head - n_q - n_kv) * stride_vc_h + pos * stride_vc_s
+            tl.store(dst + i, lo.to(dst.dtype.element_ty))
+            tl.store(dst + HALF + i, hi.to(dst.dtype.element_ty))
+
+
+def rope_kv_write(qkv, n_q, n_kv, cos, sin, k_cache, v_cache, positions):
+    """qkv [b, (n_q + 2 n_kv) * d] (one fused projection, rows q, k, v); returns rotated q [b, n_q, d]."""
+    batch = qkv.shape[0]
+    head_dim = k_cache.shape[-1]
+    if not fast_decode_enabled(qkv) or head_dim % 2 or (head_dim // 2) & (head_dim // 2 - 1):
+        q, k, v = qkv.split([n_q * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+        return rope_kv_write_ref(q.view(batch, n_q, head_dim), k.view(batch, n_kv, head_dim),
+                                 v.view(batch, n_kv, head_dim), cos, sin, k_cache, v_cache, positions)
+    assert qkv.stride(-1) == 1 and cos.stride(-1) == 1 and sin.stride() == cos.stride()
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    q_out = torch.empty(batch, n_q, head_dim, device=qkv.device, dtype=qkv.dtype)
+    _rope_kv_write_kernel[(batch, n_q + 2 * n_kv)](
+        qkv, cos, sin, positions, q_out, k_cache, v_cache, n_q, n_kv, qkv.stride(0), cos.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), HALF=head_dim // 2, num_warps=1)
+    return q_out
