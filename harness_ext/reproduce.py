@@ -106,7 +106,7 @@ class Budget:
 
 
 FULL = Budget()
-SMOKE = Budget(n=4, limit=2, max_gen_toks=24, distill_tokens=512,
+SMOKE = Budget(n=4, limit=2, max_gen_toks=24, distill_tokens=256,
                bench_args=("--batches", "1,2", "--prompt-len", "16", "--gen-len", "8", "--layers", "2"),
                leaderboard_args=("--ks", "1", "2", "4", "--vote-k", "4", "--batches", "1", "2"))
 
@@ -543,8 +543,12 @@ class Reproduction:
 
     def stage_bench(self, folder: Path):
         out = (folder / "out").resolve()
-        cmd = thinkfast_cmd("bench", "--teacher", str(self.teacher_dir_or_placeholder()), "--device", self.device,
-                            *self.budget.bench_args, "--out", str(out))
+        args = list(self.budget.bench_args)
+        if self.teacher_spec != DEFAULT_TEACHER:  # the default: SmolLM2-135M's built-in config (speed needs no weights)
+            if "--layers" in args:  # --layers only shrinks the built-in config
+                del args[args.index("--layers"):args.index("--layers") + 2]
+            args = ["--teacher", str(self.teacher_dir_or_placeholder()), *args]
+        cmd = thinkfast_cmd("bench", "--device", self.device, *args, "--out", str(out))
         self.execute("bench", cmd)
         if not (out / "bench.json").is_file():
             raise StageError("bench", f"thinkfast bench wrote no {out / 'bench.json'}")

@@ -15,7 +15,9 @@ and input grads; ssd_step's output and state; decode logits and states) it repor
     kern_fp32  ||kernel - ref_fp32|| / ||ref_fp32||   the kernel path against the reference run in float32
     ref_fp32   ||ref - ref_fp32|| / ||ref_fp32||      the reference's own bf16 error, for scale
 
-so the reader sees the Triton path in bf16 is as close to fp32 as the PyTorch reference in bf16 is.
+so the reader sees the Triton path in bf16 is as close to fp32 as the PyTorch reference in bf16 is. A tensor passes
+when norm_rel <= --tol, or when the kernel is no farther from fp32 than the bf16 reference is
+(kern_fp32 <= 1.25 * ref_fp32): random-init Llamba decode logits sit at ~1e-2 from fp32 on *both* bf16 paths.
 """
 from __future__ import annotations
 
@@ -145,6 +147,8 @@ def main(argv=None):
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--tol", type=float, default=1e-2)
+    parser.add_argument("--only", default=None, help="comma-separated group prefixes to run, e.g. 'decode,ssd_step' "
+                        "(decode = the three decode groups; default: everything)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     kernel = "triton" if device.type == "cuda" else "ref"
@@ -155,8 +159,12 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(0)
     rows = []
 
+    wanted = [w.strip() for w in args.only.split(",")] if args.only else None
+
     def compare(group, fn, fn_fp32):
         """fn runs in the run dtype under the current THINKFAST_KERNELS; fn_fp32 the same in float32."""
+        if wanted and not any(group.startswith(w) or group.endswith(w) for w in wanted):
+            return
         start = time.time()
         got = with_kernels(kernel, fn)
         ref = with_kernels("ref", fn)
@@ -199,10 +207,15 @@ def main(argv=None):
     compare("ssd_step", lambda: step_run(step_inputs), lambda: step_run(step32))
     compare("ssd_step", lambda: step_run(step_inputs, False), lambda: step_run(step32, False))
 
+    def passes(r):
+        return r["norm_rel"] <= args.tol or r["kern_fp32"] <= 1.25 * r["ref_fp32"]
+
+    if not rows:
+        raise SystemExit(f"--only {args.only}: no group matched")
     width = max(len(r["group"]) + len(r["tensor"]) for r in rows) + 3
     print(f"\n{'tensor':<{width}} {'norm_rel':>9} {'max_rel':>9} {'kern_fp32':>9} {'ref_fp32':>9}")
     for r in rows:
-        flag = "" if r["norm_rel"] <= args.tol else "   <-- FAIL"
+        flag = "" if passes(r) else "   <-- FAIL"
         print(f"{r['group'] + ': ' + r['tensor']:<{width}} {r['norm_rel']:9.2e} {r['max_rel']:9.2e} "
               f"{r['kern_fp32']:9.2e} {r['ref_fp32']:9.2e}{flag}")
     out = Path(args.out)
@@ -214,7 +227,7 @@ def main(argv=None):
     worst = max(rows, key=lambda r: r["norm_rel"])
     print(f"\nworst norm_rel: {worst['group']}: {worst['tensor']} {worst['norm_rel']:.3e}; "
           f"wrote {out / 'gpu_check_kernels.json'}")
-    failed = [r for r in rows if not r["norm_rel"] <= args.tol]
+    failed = [r for r in rows if not passes(r)]
     assert not failed, f"{len(failed)} tensors exceed norm_rel tol {args.tol}, worst {worst}"
 
 

@@ -66,7 +66,7 @@ def test_commands_follow_the_budget(tmp_path):
     llamba = smoke.distill_args(R.STUDENTS["llamba"], Path("OUT"))
     assert "--smoke" in llamba
     assert {a.split(".")[1] for a in llamba if a.startswith("stages.")} == {"matrix", "hidden", "kd"}
-    assert all(a.endswith("=512") for a in llamba if a.startswith("stages."))
+    assert all(a.endswith("=256") for a in llamba if a.startswith("stages."))
     assert not [a for a in full.distill_args(R.STUDENTS["mil"], Path("OUT")) if a.startswith("stages.")]
     # init reads the recipe's init section, so distill starts from exactly that student
     assert smoke.init_args(R.STUDENTS["mil"]) == ["--attn-fraction", "0.5"]

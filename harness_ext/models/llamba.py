@@ -47,7 +47,7 @@ from transformers import PretrainedConfig
 
 from . import decode_kernels as ssd_decode
 from . import ssd
-from .runtime import DecoderLayer, ForwardContext, HybridForCausalLM, SSMMixerBase
+from .runtime import DecoderLayer, ForwardContext, HybridForCausalLM, SSMMixerBase, fused_linear_weight
 
 SILU_INVERSE_OF_ONE = 1.2784645      # silu(z) == 1: a zero-weight gate with this bias passes y through
 
@@ -152,7 +152,8 @@ class DiscreteMamba2(SSMMixerBase):
     def step_fast(self, hidden, layer_state, ctx=None):
         """`step` in four kernels: in_proj GEMM, conv, discrete SSM step with D and the z gate fused, out_proj GEMM."""
         batch = hidden.shape[0]
-        xBC, z, dt = self._split_in_proj(F.linear(hidden, self.in_proj.weight, self.in_proj.bias))
+        weight, bias = fused_linear_weight(self, "in_proj", [self.in_proj], pad_to=64)
+        xBC, z, dt = self._split_in_proj(F.linear(hidden, weight, bias)[:, :self.in_proj.out_features])
         xBC = ssd_decode.conv_step(layer_state["conv_state"], xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                    silu=self.conv_activation == "silu")
         x, B, C = torch.split(xBC, [self.d_inner, self.n_qk_heads * self.d_state, self.n_qk_heads * self.d_state], dim=-1)

@@ -28,7 +28,8 @@ from transformers import LlamaConfig
 
 from . import decode_kernels as ssd_decode
 from . import ssd
-from .runtime import DecoderLayer, ForwardContext, HybridForCausalLM, LlamaAttention, SSMMixerBase
+from .runtime import (DecoderLayer, ForwardContext, HybridForCausalLM, LlamaAttention, SSMMixerBase,
+                      fused_linear_weight)
 
 
 class MambaInLlamaConfig(LlamaConfig):
@@ -134,7 +135,8 @@ class MambaInLlamaMixer(SSMMixerBase):
         """`step` in five kernels: in_proj GEMM, conv (state shift + conv + SiLU), SSM step (dt bias/softplus, D;
         x and B read at KV width), gated RMSNorm, out_proj GEMM. hidden [B, hidden] -> [B, hidden]."""
         batch = hidden.shape[0]
-        z, xBC, dt = self._split_in_proj(F.linear(hidden, self.in_proj.weight))
+        weight, _ = fused_linear_weight(self, "in_proj", [self.in_proj], pad_to=64)
+        z, xBC, dt = self._split_in_proj(F.linear(hidden, weight)[:, :self.in_proj.out_features])
         xBC = ssd_decode.conv_step(layer_state["conv_state"], xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                    silu=True)
         x, B, C = torch.split(xBC, [self.d_xb, self.d_xb, self.d_inner], dim=-1)
