@@ -18,8 +18,8 @@ Rows:
   llamba        Llamba at the teacher's width
 
 Per row and batch: generated tokens/s (end to end, prefill included), ms per decode step, prefill time,
-peak GPU memory, and the bandwidth floor of a decode step: the bytes a step must read (weights once,
-plus per sequence the SSM/conv state or the K/V cache at the mean context prompt + gen/2) divided by
+peak GPU memory, and the bandwidth floor of a decode step: the bytes a step must move (weights read once, plus per sequence
+the K/V cache read at the mean context prompt + gen/2, or the SSM/conv state read and written) divided by
 the device's memory bandwidth, measured at start with a large device-to-device copy (read + write).
 "fraction" = floor / measured ms per step. Out-of-memory points are recorded as "OOM".
 Outputs in --out: bench.json, bench.md, bench.png (tokens/s vs batch, log-log); the card and date are named in each.
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from harness_ext.generation.engine import Engine, SamplingParams, state_nbytes
+from harness_ext.generation.engine import Engine, SamplingParams
 
 ROWS = ("hf-generate", "teacher", "mil50", "llamba")
 DEFAULT_BATCHES = "1,16,64,256,512,1024"
@@ -209,8 +209,15 @@ def _weight_bytes(model) -> int:
 
 
 def _slot_bytes(model, context: int) -> int:
+    """Bytes one sequence's decode step must move: its K/V cache up to `context` is read (the new token's K/V
+    write is negligible); its conv and SSM state are read and written back, so they count twice."""
     state = model.allocate_decode_state(1, context, device="cpu")
-    return state_nbytes(state)
+    total = 0
+    for layer in state.layers:
+        for name, tensor in layer.items():
+            moved = 2 if name in ("conv_state", "ssm_state") else 1
+            total += moved * tensor.numel() * tensor.element_size()
+    return total
 
 
 def _kv_bytes_per_slot(config, context: int, dtype) -> int:

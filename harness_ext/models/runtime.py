@@ -122,6 +122,17 @@ class HybridCache:
         return len(self.layers)
 
 
+def _runs(lengths: list[int]) -> list[tuple[int, int]]:
+    """Consecutive equal lengths as (length, count): [5, 5, 3, 5] -> [(5, 2), (3, 1), (5, 1)]."""
+    runs: list[tuple[int, int]] = []
+    for length in lengths:
+        if runs and runs[-1][0] == length:
+            runs[-1] = (length, runs[-1][1] + 1)
+        else:
+            runs.append((length, 1))
+    return runs
+
+
 @dataclass
 class ForwardContext:
     """What one forward pass tells its layers. mode: "full" (HF forward / training), "prefill", "decode"."""
@@ -178,12 +189,14 @@ class LlamaAttention(nn.Module):
         batch, seqlen, _ = hidden.shape
         q, k, v = self._qkv(hidden, ctx.cos, ctx.sin)
         if ctx.mode == "prefill":
-            # One causal attention per prompt: a dense block-diagonal mask over all packed tokens would not fit.
+            # A dense block-diagonal mask over all packed tokens would not fit, so attention runs per prompt,
+            # and consecutive prompts of equal length run as one batch (the engine and bench pack many such).
             outs, start = [], 0
-            for length in ctx.doc_lens:
-                sl = slice(start, start + length)
-                outs.append(self._attend(q[:, :, sl], k[:, :, sl], v[:, :, sl], None, True))
-                start += length
+            for length, count in _runs(ctx.doc_lens):
+                sl = slice(start, start + length * count)
+                qs, ks, vs = (t[0, :, sl].unflatten(1, (count, length)).transpose(0, 1) for t in (q, k, v))
+                outs.append(self._attend(qs, ks, vs, None, True).transpose(0, 1).flatten(1, 2).unsqueeze(0))
+                start += length * count
             out = torch.cat(outs, dim=2)
             ctx.prefill_states[self.layer_idx] = (k, v)
         else:
@@ -545,14 +558,15 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
             ctx.cos, ctx.sin = self.model.rotary_emb(hidden, position_ids)
         for layer in self.model.layers:
             hidden = layer(hidden, ctx=ctx)
+        token_slots = torch.repeat_interleave(slots.to(device), lens)
+        token_pos = position_ids[0].long()
         for idx, layer in enumerate(self.model.layers):
             target = state.layers[idx]
             if layer.is_attention:
                 k, v = ctx.prefill_states[idx]
-                for d, (start, length) in enumerate(zip(cu_seqlens[:-1].tolist(), lengths)):
-                    slot = int(slots[d])
-                    target["k_cache"][slot, :, :length] = k[0, :, start:start + length].to(target["k_cache"].dtype)
-                    target["v_cache"][slot, :, :length] = v[0, :, start:start + length].to(target["v_cache"].dtype)
+                # one scatter per layer: token t of the packed row goes to (its prompt's slot, its position)
+                target["k_cache"][token_slots, :, token_pos] = k[0].transpose(0, 1).to(target["k_cache"].dtype)
+                target["v_cache"][token_slots, :, token_pos] = v[0].transpose(0, 1).to(target["v_cache"].dtype)
             else:
                 conv_state, ssm_state = ctx.prefill_states[idx]
                 target["conv_state"].index_copy_(0, slots, conv_state.to(target["conv_state"].dtype))
