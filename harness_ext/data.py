@@ -29,6 +29,8 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from harness_ext.scoring.answers import extract_boxed
+
 DATA_DIR_ENV = "THINKFAST_DATA_DIR"
 GSM8K500_SIZE = 500
 GSM8K500_SHA256 = "07d4c88d651ca7698fe4ef53eab851b0aefa1dae3e53a86badd7472710f59caa"
@@ -159,26 +161,11 @@ def _to_problem(name: str, index: int, row: dict) -> Problem:
     problem, solution = _field(row, "problem", name), _field(row, "solution", name)
     answer = row.get("answer")
     if not isinstance(answer, str) or not answer.strip():
-        answer = last_boxed(solution)
+        answer = extract_boxed(solution)
         if answer is None:
             raise DataError(f"{row.get('__where__', name)}: row has no 'answer' and its solution no \\boxed{{}}")
     ident = row.get("unique_id") or f"{name}-{index:05d}"
     return Problem(str(ident), problem, answer.strip(), solution, name)
-
-
-def last_boxed(text: str) -> str | None:
-    """Contents of the last \\boxed{...} (nested braces allowed), or None."""
-    start = max(text.rfind("\\boxed{"), text.rfind("\\boxed {"))
-    if start < 0:
-        return None
-    i = text.index("{", start) + 1
-    depth, begin = 1, i
-    while i < len(text):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth == 0:
-            return text[begin:i]
-        i += 1
-    return None
 
 
 def fingerprint(problems: list[Problem]) -> str:

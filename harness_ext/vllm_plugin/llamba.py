@@ -17,44 +17,38 @@ in_proj rows are permuted at load from the checkpoint's x, B, C, z, dt to MambaM
 """
 # No `from __future__ import annotations`: @support_torch_compile reads forward()'s annotations.
 
-from collections.abc import Iterable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vllm.compilation.decorators import support_torch_compile
-from vllm.config import VllmConfig
 from vllm.forward_context import get_forward_context
-from vllm.model_executor.layers.layernorm import RMSNorm
-from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.mamba.mamba_mixer2 import MambaMixer2
-from vllm.model_executor.layers.mamba.mamba_utils import (
-    MambaStateCopyFunc,
-    MambaStateCopyFuncCalculator,
-    MambaStateDtypeCalculator,
-    MambaStateShapeCalculator,
-    is_conv_state_dim_first,
-)
+from vllm.model_executor.layers.mamba.mamba_utils import is_conv_state_dim_first
 from vllm.model_executor.layers.mamba.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from vllm.model_executor.layers.mamba.ops.ssd_checkpoint import store_prefill_checkpoint
 from vllm.model_executor.layers.mamba.ops.ssd_combined import mamba_chunk_scan_combined_varlen
 from vllm.model_executor.layers.mamba.ops.ssu_dispatch import selective_state_update
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader, sharded_weight_loader
-from vllm.model_executor.models.interfaces import HasInnerState, IsAttentionFree
-from vllm.model_executor.models.llama import LlamaMLP
-from vllm.model_executor.models.utils import make_layers, maybe_prefix
+from vllm.model_executor.model_loader.weight_utils import sharded_weight_loader
+from vllm.model_executor.models.interfaces import IsAttentionFree
 from vllm.model_executor.utils import set_weight_attrs
-from vllm.sequence import IntermediateTensors
 from vllm.utils.torch_utils import _encode_layer_name
 
+from .common import Mamba2DecoderLayer, Mamba2Dims, Mamba2LlamaForCausalLM, Mamba2LlamaModel
 from .config_hooks import check_llamba_config, llamba_dims
 
-STACKED_PARAMS = {
-    ".gate_proj.": (".gate_up_proj.", 0),
-    ".up_proj.": (".gate_up_proj.", 1),
-}
+
+def mamba2_dims(config) -> Mamba2Dims:
+    """Llamba's heads as MambaMixer2 sees them: B/C groups are the n_qk_heads, x heads the n_v_heads."""
+    dims = llamba_dims(config)
+    return Mamba2Dims(
+        intermediate_size=dims.d_inner,
+        n_groups=dims.n_qk_heads,
+        num_heads=dims.n_v_heads,
+        head_dim=dims.headdim,
+        state_size=dims.d_state,
+        conv_kernel=dims.d_conv,
+    )
 
 
 def reorder_in_proj_rows(tensor: torch.Tensor, config) -> torch.Tensor:
@@ -69,14 +63,9 @@ class DiscreteMamba2Mixer(MambaMixer2):
         dims = llamba_dims(config)
         super().__init__(
             hidden_size=config.hidden_size,
-            ssm_state_size=dims.d_state,
-            conv_kernel_size=dims.d_conv,
-            intermediate_size=dims.d_inner,
+            **mamba2_dims(config).mixer_kwargs(),
             use_conv_bias=dims.conv_bias,
             use_bias=dims.ssm_bias,
-            n_groups=dims.n_qk_heads,
-            num_heads=dims.n_v_heads,
-            head_dim=dims.headdim,
             activation="silu" if dims.conv_activation == "silu" else None,
             use_rms_norm=False,
             model_config=model_config,
@@ -220,159 +209,27 @@ class DiscreteMamba2Mixer(MambaMixer2):
             y.add_(x * self.D.to(x.dtype).unsqueeze(-1))
 
 
-class LlambaDecoderLayer(nn.Module):
+class LlambaDecoderLayer(Mamba2DecoderLayer):
     """RMSNorm -> discrete Mamba-2 -> residual -> RMSNorm -> Llama MLP -> residual."""
 
-    def __init__(self, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__()
-        config = vllm_config.model_config.hf_config
-        self.mixer = DiscreteMamba2Mixer(
-            config,
-            model_config=vllm_config.model_config,
-            cache_config=vllm_config.cache_config,
-            quant_config=vllm_config.quant_config,
-            prefix=f"{prefix}.mixer",
-        )
-        self.mlp = LlamaMLP(
-            hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
-            hidden_act=config.hidden_act,
-            quant_config=vllm_config.quant_config,
-            bias=getattr(config, "mlp_bias", False),
-            prefix=f"{prefix}.mlp",
-        )
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None):
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.mixer(hidden_states)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
+    mixer_cls = DiscreteMamba2Mixer
+    mixer_name = "mixer"
 
 
 @support_torch_compile
-class LlambaModel(nn.Module):
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__()
-        config = vllm_config.model_config.hf_config
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.start_layer, self.end_layer, self.layers = make_layers(
-            config.num_hidden_layers,
-            lambda prefix: LlambaDecoderLayer(vllm_config=vllm_config, prefix=prefix),
-            prefix=f"{prefix}.layers",
-        )
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        intermediate_tensors: IntermediateTensors | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        residual = None
-        for layer in self.layers[self.start_layer : self.end_layer]:
-            hidden_states, residual = layer(positions, hidden_states, residual)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
+class LlambaModel(Mamba2LlamaModel):
+    def make_layer(self, vllm_config, prefix: str) -> nn.Module:
+        return LlambaDecoderLayer(vllm_config=vllm_config, prefix=prefix)
 
 
-class LlambaForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
+class LlambaForCausalLM(Mamba2LlamaForCausalLM, IsAttentionFree):
     packed_modules_mapping = {"gate_up_proj": ["gate_proj", "up_proj"], "in_proj": ["in_proj"], "conv1d": ["conv1d"]}
+    model_cls = LlambaModel
+    arch_name = "Llamba"
+    check_config = staticmethod(check_llamba_config)
+    mamba2_dims = staticmethod(mamba2_dims)
 
-    @classmethod
-    def get_mamba_state_dtype_from_config(cls, vllm_config: VllmConfig) -> tuple[torch.dtype, torch.dtype]:
-        cache_config = vllm_config.cache_config
-        ssm_dtype = cache_config.mamba_ssm_cache_dtype
-        if ssm_dtype == "auto":
-            ssm_dtype = getattr(vllm_config.model_config.hf_config, "ssm_state_dtype", "float32")
-        return MambaStateDtypeCalculator.mamba2_state_dtype(
-            vllm_config.model_config.dtype, cache_config.mamba_cache_dtype, ssm_dtype
-        )
-
-    @classmethod
-    def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig) -> tuple[tuple[int, int], tuple[int, int, int]]:
-        dims = llamba_dims(vllm_config.model_config.hf_config)
-        return MambaStateShapeCalculator.mamba2_state_shape(
-            tp_world_size=vllm_config.parallel_config.tensor_parallel_size,
-            intermediate_size=dims.d_inner,
-            n_groups=dims.n_qk_heads,
-            num_heads=dims.n_v_heads,
-            head_dim=dims.headdim,
-            state_size=dims.d_state,
-            conv_kernel=dims.d_conv,
-            num_spec=vllm_config.num_speculative_tokens,
-        )
-
-    @classmethod
-    def get_mamba_state_copy_func(cls) -> tuple[MambaStateCopyFunc, MambaStateCopyFunc]:
-        return MambaStateCopyFuncCalculator.mamba2_state_copy_func()
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        super().__init__()
-        config = vllm_config.model_config.hf_config
-        check_llamba_config(config)
-        self.config = config
-        self.model = LlambaModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
-        self.lm_head = ParallelLMHead(
-            config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config,
-            prefix=maybe_prefix(prefix, "lm_head"),
-        )
-        if config.tie_word_embeddings:
-            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
-        self.logits_processor = LogitsProcessor(config.vocab_size)
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_input_ids(input_ids)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        intermediate_tensors: IntermediateTensors | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
-            if ".mixer." in name:
-                if name.endswith(".mixer.in_proj.weight") or name.endswith(".mixer.in_proj.bias"):
-                    tensor = reorder_in_proj_rows(tensor, self.config)
-                name = name.replace(".A_log", ".A")  # vLLM's loader for A applies -exp()
-            shard_id = None
-            for ckpt_part, (param_part, shard) in STACKED_PARAMS.items():
-                if ckpt_part in name:
-                    name, shard_id = name.replace(ckpt_part, param_part), shard
-                    break
-            if name not in params:
-                raise ValueError(f"Llamba checkpoint tensor `{name}` has no place in the model")
-            param = params[name]
-            if shard_id is None:
-                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
-            else:
-                param.weight_loader(param, tensor, shard_id)
-            loaded.add(name)
-        if self.config.tie_word_embeddings:
-            loaded.add("lm_head.weight")
-        missing = sorted(set(params) - loaded)
-        if missing:
-            raise ValueError(f"Llamba checkpoint lacks tensors: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-        return loaded
+    def remap_checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
+        if name.endswith(".mixer.in_proj.weight") or name.endswith(".mixer.in_proj.bias"):
+            tensor = reorder_in_proj_rows(tensor, self.config)
+        return name, tensor
