@@ -205,11 +205,12 @@ def eval_batches(held_docs, seq_len: int, n_rows: int, batch_size: int):
 def build_student(arch: str, teacher_dir: str, init_cfg: dict, out: Path):
     """The untrained student, built by `thinkfast init`'s code and saved once under OUT/init."""
     from distill.trainer import atomic_save_dir, barrier, dist_info
-    if not (out / "config.json").is_file():
-        if dist_info()[0] == 0:
-            from harness_ext.models.init_from_teacher import init_student
-            atomic_save_dir(out, lambda tmp: init_student(teacher_dir, arch, out_dir=tmp, **init_cfg))
-        barrier()
+    if dist_info()[0] == 0 and not (out / "config.json").is_file():
+        from harness_ext.models.init_from_teacher import init_student
+        atomic_save_dir(out, lambda tmp: init_student(teacher_dir, arch, out_dir=tmp, **init_cfg))
+    # Unconditional: a rank that checked the file after rank 0 wrote it would otherwise skip this barrier and
+    # pair with the next one, deadlocking the run.
+    barrier()
 
 
 def load_student(path: Path, device):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -237,9 +238,13 @@ recipe = tiny_recipe("mambainllama", "stages.kd.max_tokens=1024", f"defaults.gra
 distill(recipe, {str(tiny_teacher)!r}, sys.argv[1], progress=False)
 """)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
-    subprocess.run(torchrun + [str(script), str(tmp_path / "ddp"), "1"], check=True, env=env, timeout=600)
-    subprocess.run([sys.executable, str(script), str(tmp_path / "single"), "2"], check=True, env=env, timeout=600)
+    with socket.socket() as probe:  # a free port, so parallel runs on one machine cannot collide
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    subprocess.run(torchrun + [str(script), str(tmp_path / "ddp"), "1"], check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "single"), "2"], check=True, env=env, timeout=300)
     ddp, single = losses(tmp_path / "ddp/stages/0-kd"), losses(tmp_path / "single/stages/0-kd")
     assert len(ddp) == len(single) == 4
     assert max(abs(a - b) for a, b in zip(ddp, single)) < 1e-4, (ddp, single)
