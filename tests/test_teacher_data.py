@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def test_teacher_answers_gsm8k_through_its_chat_template(teacher_dir):
                                            return_dict=True)
     out = model.generate(**prompt, max_new_tokens=200, do_sample=False)
     completion = tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
-    numbers = [float(n.replace(",", "")) for n in __import__("re").findall(r"-?\d[\d,]*\.?\d*", completion)]
+    numbers = [float(n.replace(",", "")) for n in re.findall(r"-?\d[\d,]*\.?\d*", completion)]
     assert numbers, f"no parsable final answer in: {completion!r}"
     assert out[0, -1].item() in (tokenizer.eos_token_id, tokenizer.pad_token_id) or len(out[0]) - prompt["input_ids"].shape[1] == 200
 
