@@ -198,6 +198,17 @@ for r in (None, res):
     assert (o1 - o2).abs().max() < 1e-5 and (h1 - h2).abs().max() < 1e-6
 g, u = torch.randn(b, 600), torch.randn(b, 600)
 assert (dk.silu_mul(g, u) - dk.silu_mul_ref(g, u)).abs().max() < 1e-5
+# flash-decoding attention: GQA (3 query heads per KV head), head_dim 8 and 64 (padded / exact tiles), slots of
+# length 1, mid-tile, a full tile, the cache end, and a slot sitting at the end (clamped); single pass and split-K.
+# fp32 only: the interpreter's bf16 tl.dot is wrong (bf16 runs in scripts/profile_decode.py --check on GPU).
+for d in (8, 64):
+    S = 40
+    lens = torch.tensor([0, 7, 15, 16, S - 1, S], dtype=torch.int32)
+    q, kc, vc = torch.randn(6, 6, d), torch.randn(6, 2, S, d), torch.randn(6, 2, S, d)
+    expected = dk.attention_decode_ref(q, kc, vc, lens, d ** -0.5)
+    for splits in (1, 2, 3, None):
+        got = dk.attention_decode(q, kc, vc, lens, d ** -0.5, num_splits=splits, block_n=16)
+        assert (got - expected).abs().max() < 1e-5, (d, splits, (got - expected).abs().max())
 
 # whole decode steps, fused vs reference, both students and an all-attention (teacher-like) model
 for build in (tiny_mil, tiny_llamba, lambda: tiny_mil(attn_layers=(0, 1, 2, 3))):

@@ -349,3 +349,170 @@ def rope_kv_write(qkv, n_q, n_kv, cos, sin, k_cache, v_cache, positions):
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), HALF=head_dim // 2, num_warps=1)
     return q_out
+
+
+# --------------------------------------------------------------------------------------------------
+# attention over the KV cache, one query token per row (flash-decoding)
+#
+# The cache is [b, n_kv, max_seqlen, d] but row b holds only seqlens[b] + 1 keys (the new token's K/V were just
+# written at position seqlens[b]). The SDPA path reads all max_seqlen keys under an additive mask; this kernel
+# reads only the valid prefix. One program serves the `groups` query heads that share a KV head (GQA), so every
+# K/V tile is read once; the query rows are padded to 16 for tl.dot. At small batch there are too few (row,
+# kv head) pairs to fill the GPU, so the sequence is split into `num_splits` chunks (split-K), each program
+# writes a partial output with its log-sum-exp, and a second kernel merges them. The split count depends only
+# on static shapes (batch, heads, max_seqlen), so the step stays CUDA-graph capturable.
+
+
+def attention_decode_ref(q, k_cache, v_cache, seqlens, scale):
+    """q [b, hq, d] (rotated), caches [b, hkv, s, d]; row b attends to keys 0..seqlens[b]. Returns [b, hq, d]."""
+    batch, n_q, head_dim = q.shape
+    n_kv, max_seqlen = k_cache.shape[1], k_cache.shape[2]
+    key_pos = torch.arange(max_seqlen, device=q.device)
+    allowed = key_pos.view(1, -1) <= seqlens.view(-1, 1).long()
+    mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+    # the query heads of one KV head attend as a block of rows: no K/V repeat
+    qg = q.view(batch, n_kv, n_q // n_kv, head_dim)
+    out = F.scaled_dot_product_attention(qg, k_cache.to(q.dtype), v_cache.to(q.dtype),
+                                         attn_mask=mask.view(batch, 1, 1, max_seqlen), scale=scale)
+    return out.reshape(batch, n_q, head_dim)
+
+
+if triton is not None:
+    @triton.jit
+    def _attention_decode_kernel(q_ptr, k_ptr, v_ptr, seqlens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+                                 scale_log2e, groups, n_kv, chunk, head_dim, max_seqlen,
+                                 stride_q_b, stride_q_h, stride_k_b, stride_k_h, stride_k_s,
+                                 stride_v_b, stride_v_h, stride_v_s, stride_out_b, stride_out_h,
+                                 NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                                 BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+        row = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, BLOCK_D)
+        g_ok, d_ok = g < groups, d < head_dim
+        q_heads = kv_head * groups + g
+        q = tl.load(q_ptr + row * stride_q_b + q_heads[:, None] * stride_q_h + d[None, :],
+                    mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+        # keys 0..seqlens[row]; never past the cache end (a slot run to the end must not read the next row)
+        length = tl.minimum(tl.load(seqlens_ptr + row).to(tl.int32) + 1, max_seqlen)
+        start = split * chunk
+        end = tl.minimum(start + chunk, length)
+        k_base = k_ptr + row.to(tl.int64) * stride_k_b + kv_head * stride_k_h
+        v_base = v_ptr + row.to(tl.int64) * stride_v_b + kv_head * stride_v_h
+        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        # an empty split (start >= length: the row is shorter than this chunk) skips the loop: l = 0, m = -inf
+        for n0 in range(start, end, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            ok = pos < end
+            kv_ok = ok[:, None] & d_ok[None, :]
+            k = tl.load(k_base + pos[:, None] * stride_k_s + d[None, :], mask=kv_ok, other=0.0)
+            v = tl.load(v_base + pos[:, None] * stride_v_s + d[None, :], mask=kv_ok, other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(ok[None, :], s * scale_log2e, float("-inf"))       # base-2 logits
+            m_new = tl.maximum(m, tl.max(s, axis=1))                          # finite: a tile has >= 1 key
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m - m_new)
+            l = l * alpha + tl.sum(p, axis=1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        if NUM_SPLITS == 1:
+            out = acc / l[:, None]
+            tl.store(out_ptr + row * stride_out_b + q_heads[:, None] * stride_out_h + d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+        else:
+            # partials [b, hq, NUM_SPLITS, d] (unnormalised / l) and lse [b, hq, NUM_SPLITS] (base 2)
+            part = (row * (n_kv * groups) + q_heads) * NUM_SPLITS + split
+            safe_l = tl.where(l > 0, l, 1.0)
+            tl.store(part_out_ptr + part[:, None] * head_dim + d[None, :], acc / safe_l[:, None],
+                     mask=g_ok[:, None] & d_ok[None, :])
+            tl.store(part_lse_ptr + part, tl.where(l > 0, m + tl.log2(safe_l), float("-inf")), mask=g_ok)
+
+    @triton.jit
+    def _attention_merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, n_q, head_dim, stride_out_b, stride_out_h,
+                                NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_D: tl.constexpr):
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        sp = tl.arange(0, SPLITS_P2)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < head_dim
+        base = (row * n_q + head) * NUM_SPLITS
+        lse = tl.load(part_lse_ptr + base + sp, mask=sp < NUM_SPLITS, other=float("-inf"))
+        weight = tl.exp2(lse - tl.max(lse, axis=0))                          # split 0 is never empty
+        part = tl.load(part_out_ptr + (base + sp)[:, None] * head_dim + d[None, :],
+                       mask=(sp < NUM_SPLITS)[:, None] & d_ok[None, :], other=0.0)
+        out = tl.sum(part * weight[:, None], axis=0) / tl.sum(weight, axis=0)
+        tl.store(out_ptr + row * stride_out_b + head * stride_out_h + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device) -> int:
+    if device.type != "cuda":
+        return 4          # interpreter on CPU: exercise the split path at small batch
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def attention_decode_splits(batch, n_kv, max_seqlen, device, block_n=64) -> int:
+    """Sequence splits per (row, KV head): enough programs for ~4 per SM, never a chunk under one tile."""
+    blocks = triton.cdiv(max_seqlen, block_n)
+    want = triton.cdiv(4 * _sm_count(device), batch * n_kv)
+    return max(1, min(blocks, want))
+
+
+def _flash_decode_supported(q, k_cache) -> bool:
+    return (q.shape[-1] <= 256 and q.stride(-1) == 1
+            and k_cache.stride(-1) == 1 and q.shape[1] % k_cache.shape[1] == 0)
+
+
+def attention_decode(q, k_cache, v_cache, seqlens, scale, num_splits=None, block_n=64):
+    """`attention_decode_ref`'s contract; reads only keys 0..seqlens[b] of each row (Triton flash-decoding).
+    `num_splits` (default: `attention_decode_splits`) and `block_n` (keys per tile) are for tests and tuning."""
+    if not fast_decode_enabled(q) or not use_flash_decode() or not _flash_decode_supported(q, k_cache):
+        return attention_decode_ref(q, k_cache, v_cache, seqlens, scale)
+    batch, n_q, head_dim = q.shape
+    n_kv, max_seqlen = k_cache.shape[1], k_cache.shape[2]
+    assert v_cache.shape == k_cache.shape and v_cache.stride(-1) == 1
+    groups = n_q // n_kv
+    if num_splits is None:
+        num_splits = attention_decode_splits(batch, n_kv, max_seqlen, q.device, block_n)
+    chunk = triton.cdiv(triton.cdiv(max_seqlen, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(max_seqlen, chunk)          # no split that starts past the cache end
+    out = torch.empty(batch, n_q, head_dim, device=q.device, dtype=q.dtype)
+    if num_splits > 1:
+        part_out = torch.empty(batch, n_q, num_splits, head_dim, device=q.device, dtype=torch.float32)
+        part_lse = torch.empty(batch, n_q, num_splits, device=q.device, dtype=torch.float32)
+    else:
+        part_out = part_lse = out
+    _attention_decode_kernel[(batch, n_kv, num_splits)](
+        q, k_cache, v_cache, seqlens, out, part_out, part_lse, scale * 1.4426950408889634, groups, n_kv, chunk,
+        head_dim, max_seqlen,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+        NUM_SPLITS=num_splits, BLOCK_G=max(16, _pow2(groups)), BLOCK_N=block_n, BLOCK_D=max(16, _pow2(head_dim)),
+        IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
+    if num_splits > 1:
+        _attention_merge_kernel[(batch, n_q)](part_out, part_lse, out, n_q, head_dim, out.stride(0), out.stride(1),
+                                              NUM_SPLITS=num_splits, SPLITS_P2=_pow2(num_splits),
+                                              BLOCK_D=max(16, _pow2(head_dim)), num_warps=1)
+    return out
+
+
+def use_flash_decode() -> bool:
+    """`THINKFAST_DECODE_ATTN=sdpa` keeps the old masked-SDPA attention in the fused step (A/B comparisons)."""
+    mode = os.environ.get("THINKFAST_DECODE_ATTN", "flash")
+    if mode not in ("flash", "sdpa"):
+        raise ValueError(f"THINKFAST_DECODE_ATTN must be flash or sdpa, got {mode!r}")
+    return mode == "flash"

@@ -235,17 +235,20 @@ class LlamaAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
 
     def step_fast(self, hidden, layer_state, ctx: ForwardContext):
-        """hidden [B, D] -> [B, D]: one fused QKV GEMM, RoPE + cache write in one kernel, and the query heads of
-        each KV head attend as a block of `groups` query rows (no K/V repeat, no enable_gqa needed)."""
+        """hidden [B, D] -> [B, D]: one fused QKV GEMM, RoPE + cache write in one kernel, then flash-decoding
+        attention over each slot's valid keys only (the query heads of a KV head share its K/V reads)."""
         batch = hidden.shape[0]
         weight, bias = fused_linear_weight(self, "qkv", [self.q_proj, self.k_proj, self.v_proj])
         qkv = F.linear(hidden, weight, bias)
         k_cache, v_cache = layer_state["k_cache"], layer_state["v_cache"]
         q = dk.rope_kv_write(qkv, self.num_heads, self.num_kv_heads, ctx.cos, ctx.sin, k_cache, v_cache,
                              ctx.decode_state.seqlens)
-        groups = self.num_heads // self.num_kv_heads
-        q = q.view(batch, self.num_kv_heads, groups, self.head_dim)
-        out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=ctx.attn_mask, scale=self.scaling)
+        if ctx.attn_mask is not None:        # THINKFAST_DECODE_ATTN=sdpa: the masked full-cache SDPA (A/B runs)
+            groups = self.num_heads // self.num_kv_heads
+            out = F.scaled_dot_product_attention(q.view(batch, self.num_kv_heads, groups, self.head_dim), k_cache,
+                                                 v_cache, attn_mask=ctx.attn_mask, scale=self.scaling)
+        else:
+            out = dk.attention_decode(q, k_cache, v_cache, ctx.decode_state.seqlens, self.scaling)
         return self.o_proj(out.reshape(batch, -1))
 
     def allocate_state(self, batch_size, max_seqlen, device, dtype):
@@ -606,10 +609,37 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
         state.seqlens.add_(1)
         return logits
 
+    def _rope_table(self, max_seqlen: int, device, dtype):
+        """cos/sin [max_seqlen, head_dim] for positions 0..max_seqlen-1, computed once per (length, device,
+        dtype) with the rotary module's own code (so the values equal the per-step ones bit for bit): a decode
+        step then gathers one row per slot instead of recomputing them in ~8 small kernels."""
+        key = (max_seqlen, device, dtype)
+        cache = self.__dict__.setdefault("_rope_tables", {})
+        if key not in cache:
+            positions = torch.arange(max_seqlen, device=device).view(1, -1)
+            probe = torch.empty(1, max_seqlen, 1, device=device, dtype=dtype)
+            cos, sin = self.model.rotary_emb(probe, positions)
+            cache.clear()            # one table at a time: the engine keeps one state size
+            cache[key] = (cos[0].contiguous(), sin[0].contiguous())
+        return cache[key]
+
     def _decode_step_fast(self, input_ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
         hidden = self.model.embed_tokens(input_ids.view(-1))                       # [B, D]
-        ctx = self._decode_context(hidden, state)
-        if ctx.cos is not None:
+        rotary = self.model.rotary_emb
+        if rotary is not None and not dk.use_flash_decode():
+            # THINKFAST_DECODE_ATTN=sdpa: the previous path (per-step RoPE and key mask, masked SDPA), for A/B runs
+            ctx = self._decode_context(hidden, state)
+            ctx.cos, ctx.sin = ctx.cos.view(hidden.shape[0], -1), ctx.sin.view(hidden.shape[0], -1)
+        else:
+            # no key mask: attention_decode reads each slot's valid length from state.seqlens
+            ctx = ForwardContext(mode="decode", decode_state=state)
+        if ctx.cos is None and rotary is not None and getattr(rotary, "rope_type", "default") in ("default", "linear", "llama3"):
+            cos_table, sin_table = self._rope_table(state.max_seqlen, hidden.device, hidden.dtype)
+            # clamp: an idle slot may sit at max_seqlen; its row is garbage the engine never reads
+            positions = state.seqlens.long().clamp(max=state.max_seqlen - 1)
+            ctx.cos, ctx.sin = cos_table[positions], sin_table[positions]
+        elif ctx.cos is None and rotary is not None:   # dynamic RoPE types rescale with the length: per step
+            ctx.cos, ctx.sin = rotary(hidden.unsqueeze(1), state.seqlens.long().view(-1, 1))
             ctx.cos, ctx.sin = ctx.cos.view(hidden.shape[0], -1), ctx.sin.view(hidden.shape[0], -1)
         residual = None
         for layer, layer_state in zip(self.model.layers, state.layers):
