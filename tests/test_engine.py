@@ -112,6 +112,27 @@ def test_seeded_sampling_reproduces_and_seeds_differ(mil):
     assert d == a
 
 
+def test_batched_refill_keeps_samples_and_saves_prefill_calls(mil):
+    """Prefill calls batched (refill only with >= 3 free slots, prompts prefilled ahead into 4 template slots)
+    give the same samples as eager one-prompt refills and as one big batch; samples end at different steps
+    (budget = max_seqlen - prompt length) so slots free up unevenly."""
+    lengths = [5, 9, 14, 3, 20, 7, 11]
+    prompts = random_prompts(lengths)
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, ignore_eos=True)
+    kw = dict(max_batch_size=4, sync_every=2, max_seqlen=24)
+    eager = Engine(mil, refill_min_free=1, template_slots=1, **kw)
+    batched = Engine(mil, refill_min_free=3, template_slots=4, **kw)
+    outs_eager = eager.generate(prompts, params, n=3, seed=5)
+    outs_batched = batched.generate(prompts, params, n=3, seed=5)
+    one_batch = Engine(mil, max_batch_size=32, max_seqlen=24).generate(prompts, params, n=3, seed=5)
+    assert outs_batched == outs_eager == one_batch
+    assert [[c.num_tokens for c in o] for o in outs_batched] == [[min(16, 24 - n)] * 3 for n in lengths]
+    assert batched.stats["prefilled_prompts"] == eager.stats["prefilled_prompts"] == len(prompts)
+    assert batched.stats["prefill_calls"] < eager.stats["prefill_calls"]
+    with pytest.raises(ValueError, match="refill_min_free"):
+        Engine(mil, refill_min_free=0)
+
+
 def test_forked_samples_are_independent_and_equal_separate_prefills(mil):
     prompt = random_prompts([12])[0]
     params = SamplingParams(max_new_tokens=10, temperature=1.0, ignore_eos=True)

@@ -8,9 +8,9 @@
 
 How it runs (see DESIGN.md "Model runtime API" for the model side):
 
-* One static decode state (`model.allocate_decode_state`) with `B + 1` slots: `B` decode slots
-  (B = the batch bucket) and one "template" slot that holds a prefilled prompt whose samples did not
-  all fit into free slots yet. Decoding runs on a *view* of the first `b` slots, so the template is
+* One static decode state (`model.allocate_decode_state`) with `B + T` slots: `B` decode slots
+  (B = the batch bucket) and `T` "template" slots that hold prefilled prompts whose samples did not
+  all fit into free slots yet. Decoding runs on a *view* of the first `b` slots, so templates are
   never advanced, and the batch can shrink to a smaller bucket at the end of a run.
 * The one-token step (`model.decode_step` + sampling + stop checks + writing the token) touches only
   static tensors; on CUDA it is captured as one CUDA graph per batch bucket (1, 2, 4, ..., B).
@@ -19,7 +19,12 @@ How it runs (see DESIGN.md "Model runtime API" for the model side):
   that stopped keeps decoding garbage until then; those tokens are never recorded), checks stop
   strings on newly decoded text, and refills free slots with pending samples.
 * Each distinct prompt is prefilled once; `state.copy_slots` forks it into its `n` samples
-  (directly from the first sample's slot, or from the template slot when they arrive over time).
+  (directly from the first sample's slot, or from a template slot when they arrive over time).
+* A prefill call is not captured and costs tens of ms of launches whatever its size, so calls are
+  batched: forks from template slots happen at every look (cheap copies), but new prompts are
+  prefilled only once `refill_min_free` slots are free (default B/8) or nothing else would decode,
+  and a call that runs also prefills prompts ahead into every free template slot (n > 1).
+  Scheduling never changes a sample: its noise depends on (seed, prompt, sample index) only.
 * Sampling (temperature, top-k, top-p) runs on the device from counter-based hashed noise
   (`sampling.py`): sample j of prompt i draws the same tokens for a given seed whatever the batch.
 
@@ -192,9 +197,27 @@ class _Buffers:
         self.done[s] = True
 
 
+@dataclass
+class _Template:
+    """A prompt prefilled into a template slot, its samples forked from there as slots free up."""
+    prompt: int
+    slot: int
+    next_sample: int
+    logits: torch.Tensor | None = None   # last-token logits row (set once its prefill ran)
+
+
+@dataclass
+class _Schedule:
+    pending: deque                 # prompt indices not prefilled yet
+    free_templates: list           # template slots not holding a prompt
+    refill_min: int                # free slots that justify a prefill call
+    queue: deque = dataclasses.field(default_factory=deque)   # _Template entries, oldest first
+
+
 class Engine:
     def __init__(self, model, tokenizer=None, max_batch_size: int = 256, use_cuda_graphs: bool | None = None,
-                 sync_every: int = 16, max_seqlen: int | None = None, prefill_tokens: int = 16384):
+                 sync_every: int = 16, max_seqlen: int | None = None, prefill_tokens: int = 16384,
+                 refill_min_free: int | None = None, template_slots: int | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if sync_every < 1:
@@ -215,6 +238,11 @@ class Engine:
         self.buckets = batch_buckets(max_batch_size)
         self.sync_every = sync_every
         self.prefill_tokens = prefill_tokens
+        for name, value in (("refill_min_free", refill_min_free), ("template_slots", template_slots)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an int >= 1 or None (default), got {value!r}")
+        self.refill_min_free = refill_min_free      # None: max(1, slots // 8)
+        self.template_slots = template_slots        # None: max(1, min(64, slots // 16))
         config = getattr(model, "config", None)
         if max_seqlen is not None:
             self.max_len, self.max_len_source = int(max_seqlen), "the engine's max_seqlen"
@@ -225,7 +253,7 @@ class Engine:
         self.vocab_size = int(getattr(config, "vocab_size", 0) or model.get_output_embeddings().weight.shape[0])
         self.eos_token_ids = self._eos_ids()
         self._state = None
-        self._state_key = None  # (decode slots, max_seqlen, out width)
+        self._state_key = None  # (decode slots, max_seqlen, out width, template slots)
         self._views: dict[int, Any] = {}
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._graph_pool = None
@@ -328,11 +356,12 @@ class Engine:
         if key is not None:  # grow to cover both the old and the new need, so alternating calls don't thrash
             slots, seqlen, width = max(slots, key[0]), max(seqlen, key[1]), max(width, key[2])
         self.release()
-        # the extra slot (index `slots`) is the template that holds a prefilled prompt for later forks
-        self._state = self.model.allocate_decode_state(slots + 1, seqlen, device=self.device)
+        # the extra slots (indices slots .. slots + templates - 1) hold prefilled prompts for later forks
+        templates = self.template_slots or max(1, min(64, slots // 16))
+        self._state = self.model.allocate_decode_state(slots + templates, seqlen, device=self.device)
         self._buf = _Buffers(slots, width, self.device)
-        self._views = {b: narrow_state(self._state, slots + 1, b) for b in self.buckets if b <= slots}
-        self._state_key = (slots, seqlen, width)
+        self._views = {b: narrow_state(self._state, slots + templates, b) for b in self.buckets if b <= slots}
+        self._state_key = (slots, seqlen, width, templates)
 
     def _step(self, b: int, greedy: bool, top_k: int, use_top_p: bool):
         """One token for slots [0, b): static shapes, no host sync (the body of the CUDA graph)."""
@@ -417,9 +446,10 @@ class Engine:
                       "prefill_calls": 0, "prefilled_prompts": 0}
         num_samples = len(prompt_ids) * n
         key = self.prepare(num_samples, max(len(p) for p in prompt_ids), params)
-        slots, seqlen = self._state_key[0], self._state_key[1]
+        slots, seqlen, _, templates = self._state_key
         greedy = key[0]
-        template_slot = slots
+        sched = _Schedule(pending=deque(range(len(prompt_ids))), free_templates=list(range(slots, slots + templates)),
+                          refill_min=self.refill_min_free or max(1, slots // 8))
         buf = self._buf
         stop_ids = self._stop_ids(params)
         stop_id_set = set(stop_ids)
@@ -429,8 +459,6 @@ class Engine:
         checked = [0] * slots  # tokens of the slot already scanned for stop strings
         slot_count = [0] * slots   # tokens generated per slot, as of the last look
         slot_budget = [0] * slots  # max tokens of the slot's sample
-        pending = deque(range(len(prompt_ids)))
-        template: list = []  # [prompt index, next sample index, logits row] of the prompt in the template slot
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -461,15 +489,15 @@ class Engine:
                         bar.update(len(finished))
             # 2. refill free slots with pending samples
             free = [s for s in range(slots) if slot_sample[s] is None]
-            if free and (pending or template):
-                self._refill(free, pending, template, template_slot, prompt_ids, n, seed, params, seqlen,
+            if free and (sched.pending or sched.queue):
+                self._refill(free, sched, prompt_ids, n, seed, params, seqlen,
                              slot_sample, checked, slot_count, slot_budget, greedy, key)
             active = [s for s in range(slots) if slot_sample[s] is not None]
             if not active:
                 break
             # 3. shrink to a smaller bucket when the tail of a run no longer fills this one
             b_need = next(b for b in self.buckets if b >= len(active))
-            if not pending and not template and b_need < max(active) + 1:
+            if not sched.pending and not sched.queue and b_need < max(active) + 1:
                 movers = [s for s in active if s >= b_need]
                 holes = [s for s in range(b_need) if slot_sample[s] is None][: len(movers)]
                 self._state.copy_slots(torch.tensor(movers, device=self.device), torch.tensor(holes, device=self.device))
@@ -495,53 +523,70 @@ class Engine:
         self.stats["batch_slots"] = slots
         return outs
 
-    def _refill(self, free, pending, template, template_slot, prompt_ids, n, seed, params, seqlen,
+    def _refill(self, free, sched: "_Schedule", prompt_ids, n, seed, params, seqlen,
                 slot_sample, checked, slot_count, slot_budget, greedy, key):
-        """Assign pending samples to free slots: prefill new prompts (in token-bounded chunks), fork with
-        copy_slots, and draw each new sample's first token from its prompt's last-token logits."""
+        """Assign pending samples to free slots: fork prompts waiting in template slots, prefill new prompts
+        (in token-bounded chunks) when a call is worth it, and draw each new sample's first token from its
+        prompt's last-token logits."""
         buf, dev = self._buf, self.device
-        assigned: list[tuple[int, int, int, int]] = []  # (slot, prompt, sample, logits source)
+        assigned: list[tuple[int, int, int, int | None]] = []  # (slot, prompt, sample, logits source)
         sources: list[torch.Tensor] = []  # logits rows, indexed by "logits source"
         fork_src, fork_dst = [], []
         free = list(free)
-        # a partially dispatched prompt first: its prefilled state waits in the template slot
-        if template:
-            i, j0, row = template
-            k = min(n - j0, len(free))
-            sources.append(row)
-            for j in range(j0, j0 + k):
+        # 1. prompts already prefilled into template slots, oldest first: only copies, no model call
+        while free and sched.queue and sched.queue[0].logits is not None:
+            entry = sched.queue[0]
+            sources.append(entry.logits)
+            k = min(n - entry.next_sample, len(free))
+            for j in range(entry.next_sample, entry.next_sample + k):
                 slot = free.pop(0)
-                fork_src.append(template_slot)
+                fork_src.append(entry.slot)
                 fork_dst.append(slot)
-                assigned.append((slot, i, j, len(sources) - 1))
-            template[1] += k
-            if template[1] == n:
-                template.clear()
-            if fork_src:
-                self._state.copy_slots(torch.tensor(fork_src, device=dev), torch.tensor(fork_dst, device=dev))
-                fork_src, fork_dst = [], []
-        # new prompts: all n samples fit -> prefill into the first sample's slot and fork from there;
-        # otherwise prefill into the template slot and fork what fits now
+                assigned.append((slot, entry.prompt, j, len(sources) - 1))
+            entry.next_sample += k
+            if entry.next_sample == n:
+                sched.queue.popleft()
+                sched.free_templates.append(entry.slot)
+        if fork_src:
+            self._state.copy_slots(torch.tensor(fork_src, device=dev), torch.tensor(fork_dst, device=dev))
+            fork_src, fork_dst = [], []
+        # 2. new prompts, only when a (costly, un-graphed) prefill call serves enough samples: `refill_min`
+        # free slots, or the last pending samples all fit, or nothing else would decode
+        busy = any(s is not None for s in slot_sample) or assigned
+        worth = (len(free) >= sched.refill_min or len(sched.pending) * n <= len(free) or not busy)
         to_prefill: list[tuple[int, int]] = []  # (prompt, slot)
-        while free and pending and not template:
-            i = pending.popleft()
-            if n <= len(free):
-                first = free.pop(0)
-                to_prefill.append((i, first))
-                assigned.append((first, i, 0, None))  # None: this prompt's prefill row, filled in below
-                for j in range(1, n):
-                    slot = free.pop(0)
-                    fork_src.append(first)
-                    fork_dst.append(slot)
-                    assigned.append((slot, i, j, None))
-            else:
-                to_prefill.append((i, template_slot))
-                template.extend([i, len(free), None])
-                for j in range(len(free)):
-                    slot = free.pop(0)
-                    fork_src.append(template_slot)
-                    fork_dst.append(slot)
-                    assigned.append((slot, i, j, None))
+        if free and sched.pending and worth:
+            # all n samples fit -> prefill into the first sample's slot and fork from there;
+            # otherwise prefill into a template slot and fork what fits now
+            while free and sched.pending:
+                i = sched.pending[0]
+                if n <= len(free):
+                    sched.pending.popleft()
+                    first = free.pop(0)
+                    to_prefill.append((i, first))
+                    assigned.append((first, i, 0, None))  # None: this prompt's prefill row, filled in below
+                    for j in range(1, n):
+                        slot = free.pop(0)
+                        fork_src.append(first)
+                        fork_dst.append(slot)
+                        assigned.append((slot, i, j, None))
+                elif sched.free_templates:
+                    sched.pending.popleft()
+                    entry = _Template(i, sched.free_templates.pop(0), next_sample=len(free))
+                    sched.queue.append(entry)
+                    to_prefill.append((i, entry.slot))
+                    for j in range(len(free)):
+                        slot = free.pop(0)
+                        fork_src.append(entry.slot)
+                        fork_dst.append(slot)
+                        assigned.append((slot, i, j, None))
+                else:
+                    break
+            # prefill ahead into the remaining template slots: their samples then start without a call
+            while n > 1 and sched.pending and sched.free_templates:
+                entry = _Template(sched.pending.popleft(), sched.free_templates.pop(0), next_sample=0)
+                sched.queue.append(entry)
+                to_prefill.append((entry.prompt, entry.slot))
         if to_prefill:
             prompt_source = {}
             for chunk in self._chunks(to_prefill, prompt_ids):
@@ -557,13 +602,16 @@ class Engine:
                 for r, (i, _) in enumerate(chunk):
                     sources.append(logits[r])
                     prompt_source[i] = len(sources) - 1
-            if template and template[2] is None:
-                template[2] = sources[prompt_source[template[0]]].clone()
+            for entry in sched.queue:
+                if entry.logits is None:
+                    entry.logits = sources[prompt_source[entry.prompt]].clone()
             assigned = [(slot, i, j, src if src is not None else prompt_source[i])
                         for slot, i, j, src in assigned]
             if fork_src:
                 t0 = time.perf_counter()
                 self._state.copy_slots(torch.tensor(fork_src, device=dev), torch.tensor(fork_dst, device=dev))
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
                 self.stats["prefill_s"] += time.perf_counter() - t0
         if not assigned:
             return
