@@ -181,6 +181,9 @@ if triton is not None:
         tl.store(out_ptr + row * stride_out_b + head * headdim + p, y.to(out_ptr.dtype.element_ty), mask=p_ok)
 
 
+SSM_STEP_CONFIG = {"block_p": 16, "num_warps": 4}
+
+
 def ssm_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, z_bias=None, dt_softplus=True, discrete=False):
     """One token of the SSM for every row; `state` updated in place; returns y [b, h, p] in x's dtype.
     x/B/C/dt/z may be strided views (last dim contiguous), e.g. column slices of the in_proj output."""
@@ -193,7 +196,9 @@ def ssm_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, z_bias=Non
     if z is not None and z.dim() == 3 and z.stride(1) != headdim:
         raise ValueError("ssm_step: z heads must be adjacent (stride headdim)")
     out = torch.empty(batch, nheads, headdim, device=x.device, dtype=x.dtype)
-    block_p = min(16, _pow2(headdim))
+    # a program owns a [block_p, dstate] tile of one (row, head): the state is read and written once, rows of
+    # dstate contiguous values (coalesced); `SSM_STEP_CONFIG` is tunable (scripts/profile_decode.py --sweep-ssm)
+    block_p = min(SSM_STEP_CONFIG["block_p"], _pow2(headdim))
     dummy = A_log
     _ssm_step_kernel[(triton.cdiv(headdim, block_p), batch, nheads)](
         state, x, dt, dt_bias if dt_bias is not None else dummy, A_log, B, C, D if D is not None else dummy,
@@ -203,7 +208,8 @@ def ssm_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, z_bias=Non
         x.stride(0), x.stride(1), dt.stride(0), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
         z.stride(0) if z is not None else 0, out.stride(0),
         HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, DISCRETE=discrete, HAS_D=D is not None,
-        HAS_Z=z is not None, HAS_Z_BIAS=z_bias is not None, BLOCK_P=block_p, BLOCK_N=_pow2(dstate), num_warps=4)
+        HAS_Z=z is not None, HAS_Z_BIAS=z_bias is not None, BLOCK_P=block_p, BLOCK_N=_pow2(dstate),
+        num_warps=SSM_STEP_CONFIG["num_warps"])
     return out
 
 

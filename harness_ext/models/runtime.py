@@ -13,6 +13,7 @@ reading what they need from the `ForwardContext`.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -155,6 +156,65 @@ class ForwardContext:
 # --------------------------------------------------------------------------------------------------
 # attention
 
+_VARLEN = {"checked": False, "fn": None, "kwargs": None, "gqa": False}
+
+
+def _varlen_attn():
+    """torch.nn.attention.varlen.varlen_attn (flash attention over packed documents, torch >= 2.10) and the
+    keyword arguments this torch version takes for causal masking / GQA (the signature changed between
+    2.10, 2.11 and 2.12); None when absent."""
+    if not _VARLEN["checked"]:
+        _VARLEN["checked"] = True
+        try:
+            import inspect
+
+            from torch.nn.attention.varlen import varlen_attn
+            params = inspect.signature(varlen_attn).parameters
+            if "is_causal" in params:
+                kwargs = {"is_causal": True}
+            elif "window_size" in params:
+                kwargs = {"window_size": (-1, 0)}
+            else:
+                raise TypeError("varlen_attn takes neither is_causal nor window_size")
+            _VARLEN.update(fn=varlen_attn, kwargs=kwargs, gqa="enable_gqa" in params, scale="scale" in params)
+        except (ImportError, TypeError, ValueError) as err:
+            import warnings
+
+            warnings.warn(f"prefill attention: no usable torch varlen_attn ({err}); looping over prompts instead")
+    return _VARLEN["fn"]
+
+
+def varlen_causal_attention(q, k, v, ctx: ForwardContext, scale: float):
+    """Block-diagonal causal attention over the packed prompts of a prefill in one flash kernel call.
+    q [1, hq, T, d], k/v [1, hkv, T, d] -> [1, hq, T, d]; None where unsupported (CPU, fp32, old torch, a
+    failing call), and the caller falls back to `LlamaAttention._prefill_attention_ref`."""
+    if (not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or len(ctx.doc_lens) == 1
+            or os.environ.get("THINKFAST_PREFILL_ATTN", "varlen") != "varlen" or _varlen_attn() is None):
+        return None
+    n_q, n_kv = q.shape[1], k.shape[1]
+    qt, kt, vt = (t[0].transpose(0, 1) for t in (q, k, v))              # [T, heads, d]
+    kwargs = dict(_VARLEN["kwargs"])
+    if n_q != n_kv:
+        if _VARLEN["gqa"]:
+            kwargs["enable_gqa"] = True
+        else:
+            kt, vt = (t.repeat_interleave(n_q // n_kv, dim=1) for t in (kt, vt))
+    if _VARLEN["scale"]:
+        kwargs["scale"] = scale
+    elif abs(scale - q.shape[-1] ** -0.5) > 1e-12:
+        return None
+    cu = ctx.cu_seqlens.to(torch.int32)
+    longest = max(ctx.doc_lens)
+    try:
+        out = _VARLEN["fn"](qt, kt.contiguous(), vt.contiguous(), cu, cu, longest, longest, **kwargs)
+    except (RuntimeError, TypeError, ValueError) as err:
+        import warnings
+
+        warnings.warn(f"prefill attention: varlen_attn failed ({str(err)[:200]}); looping over prompts from now on")
+        _VARLEN["fn"] = None
+        return None
+    return out.transpose(0, 1).unsqueeze(0)
+
 
 class LlamaAttention(nn.Module):
     """Llama attention (GQA, RoPE from the shared rotary embedding) with the teacher's parameter names."""
@@ -189,15 +249,9 @@ class LlamaAttention(nn.Module):
         batch, seqlen, _ = hidden.shape
         q, k, v = self._qkv(hidden, ctx.cos, ctx.sin)
         if ctx.mode == "prefill":
-            # A dense block-diagonal mask over all packed tokens would not fit, so attention runs per prompt,
-            # and consecutive prompts of equal length run as one batch (the engine and bench pack many such).
-            outs, start = [], 0
-            for length, count in _runs(ctx.doc_lens):
-                sl = slice(start, start + length * count)
-                qs, ks, vs = (t[0, :, sl].unflatten(1, (count, length)).transpose(0, 1) for t in (q, k, v))
-                outs.append(self._attend(qs, ks, vs, None, True).transpose(0, 1).flatten(1, 2).unsqueeze(0))
-                start += length * count
-            out = torch.cat(outs, dim=2)
+            out = varlen_causal_attention(q, k, v, ctx, self.scaling)
+            if out is None:
+                out = self._prefill_attention_ref(q, k, v, ctx)
             ctx.prefill_states[self.layer_idx] = (k, v)
         else:
             if ctx.cache is not None:
@@ -220,6 +274,17 @@ class LlamaAttention(nn.Module):
             else:
                 out = self._attend(q, k, v, ctx.attn_mask, is_causal)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seqlen, -1))
+
+    def _prefill_attention_ref(self, q, k, v, ctx: ForwardContext):
+        """Packed prompts, one SDPA per run of equal-length prompts (a dense block-diagonal mask over all packed
+        tokens would not fit). The CPU path, and the fallback when the varlen kernel is unavailable."""
+        outs, start = [], 0
+        for length, count in _runs(ctx.doc_lens):
+            sl = slice(start, start + length * count)
+            qs, ks, vs = (t[0, :, sl].unflatten(1, (count, length)).transpose(0, 1) for t in (q, k, v))
+            outs.append(self._attend(qs, ks, vs, None, True).transpose(0, 1).flatten(1, 2).unsqueeze(0))
+            start += length * count
+        return torch.cat(outs, dim=2)
 
     def step(self, hidden, layer_state, ctx: ForwardContext):
         """hidden [B, 1, D]; K/V written at each slot's position `seqlens`; keys beyond it are masked."""
