@@ -677,14 +677,14 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
     def _rope_table(self, max_seqlen: int, device, dtype):
         """cos/sin [max_seqlen, head_dim] for positions 0..max_seqlen-1, computed once per (length, device,
         dtype) with the rotary module's own code (so the values equal the per-step ones bit for bit): a decode
-        step then gathers one row per slot instead of recomputing them in ~8 small kernels."""
+        step then gathers one row per slot instead of recomputing them in ~8 small kernels. Tables are kept
+        (a few MB at most): a captured CUDA graph reads them by address."""
         key = (max_seqlen, device, dtype)
         cache = self.__dict__.setdefault("_rope_tables", {})
         if key not in cache:
             positions = torch.arange(max_seqlen, device=device).view(1, -1)
             probe = torch.empty(1, max_seqlen, 1, device=device, dtype=dtype)
             cos, sin = self.model.rotary_emb(probe, positions)
-            cache.clear()            # one table at a time: the engine keeps one state size
             cache[key] = (cos[0].contiguous(), sin[0].contiguous())
         return cache[key]
 
