@@ -112,7 +112,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fields", default=None, help="column mapping for --hf-dataset/--jsonl: problem=question,solution=answer")
     parser.add_argument("--drop-contaminated", action="store_true", default=None,
                         help="drop records that contain a MATH-500 / GSM8K test problem (default: refuse to train)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the student")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile regions of the student and teacher (default: the recipe's `compile`, "
+                             "else on for CUDA; falls back to eager with a warning if compilation fails)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="dense bf16 peak per GPU for the MFU column (default: looked up from the device name; "
+                             "same as env THINKFAST_PEAK_FLOPS in FLOP/s)")
     parser.add_argument("overrides", nargs="*", help="recipe overrides key=value, e.g. defaults.lr=5e-4 stages.kd.max_tokens=1e6")
 
 
@@ -133,8 +138,10 @@ def build_recipe(args) -> dict:
     data["hf_split"] = args.hf_split
     if args.drop_contaminated is not None:
         data["drop_contaminated"] = True
-    if args.compile:
-        recipe["defaults"]["compile"] = True
+    if args.compile is not None:
+        recipe["defaults"]["compile"] = bool(args.compile)
+    if getattr(args, "peak_tflops", None):
+        os.environ["THINKFAST_PEAK_FLOPS"] = str(float(args.peak_tflops) * 1e12)
     return recipe
 
 
@@ -225,9 +232,10 @@ def make_objective(cfg, student):
     from distill.kd import KDObjective, SFTObjective
     from distill.mohawk import HiddenObjective, MatrixObjective
     if cfg.objective == "kd":
-        return KDObjective(student, cfg.divergence, cfg.temperature, cfg.ce_weight)
+        return KDObjective(student, cfg.divergence, cfg.temperature, cfg.ce_weight, chunked=cfg.chunked_loss,
+                           chunk_tokens=cfg.loss_chunk_tokens)
     if cfg.objective == "sft":
-        return SFTObjective(student)
+        return SFTObjective(student, chunked=cfg.chunked_loss, chunk_tokens=cfg.loss_chunk_tokens)
     if cfg.objective == "mohawk_matrix":
         return MatrixObjective(student)
     if cfg.objective == "mohawk_hidden":
@@ -272,7 +280,8 @@ def distill(recipe: dict, teacher_dir: str, out_dir: str, only_stage: str | None
     eval_seq = int(recipe["data"].get("seq_len", 2048))
 
     def record_eval(name: str, student) -> dict:
-        batches = eval_batches(held_docs, eval_seq, n_eval, max(1, stages[0].micro_batch_size))
+        # The held-out metrics use full [rows, seq, vocab] fp32 logits: few rows per batch keeps them small.
+        batches = eval_batches(held_docs, eval_seq, n_eval, max(1, min(4, stages[0].micro_batch_size)))
         result = {"stage": name, **evaluate(student, teacher, batches, device)} if rank == 0 else {}
         if rank == 0:
             with open(out / "eval.jsonl", "a") as f:

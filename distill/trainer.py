@@ -14,6 +14,13 @@ Checkpoints are HF directories (`save_pretrained`) written atomically: into a te
 parent, fsynced, then renamed to `checkpoint-<step>`; `latest` (a file naming it) is replaced atomically after.
 Each holds `trainer_state.json` (step, tokens, data cursor, RNG states) and `optimizer.pt` (optimizer + scheduler).
 
+Throughput (issue #5): the KD loss is chunked from hidden states (`distill.kd.chunked_kd_loss`), the teacher runs
+under no_grad without its lm_head, `compile` (default: on for CUDA) torch.compiles regions of the student and the
+teacher (`compile_regions`; a failing compile falls back to eager with a warning after a probe step), and
+`grad_checkpointing` recomputes decoder layers in the backward when memory, not compute, bounds the micro-batch.
+MFU accounting is `training_flops_per_token` (documented there); each JSONL record carries `mfu`, `tflops`,
+`flops_per_token`, `peak_flops` and `max_mem_gb`.
+
 The loop does not sync with the host between logging points: the loss and a "first non-finite step" marker
 accumulate on the device and are read every `log_every` steps (and before every save). A NaN/inf loss stops the
 run with NonFiniteLossError naming the step; no checkpoint is written after it, so the last one is good.
@@ -30,6 +37,7 @@ import random
 import shutil
 import tempfile
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -38,7 +46,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from distill.kd import agreement_stats, model_forward
+from distill.kd import DEFAULT_CHUNK_TOKENS, agreement_stats, model_forward
 
 # Dense bf16 tensor-core peaks (FLOP/s) from vendor datasheets, matched against torch.cuda.get_device_name().
 # Override with THINKFAST_PEAK_FLOPS. Most specific names first.
@@ -75,7 +83,12 @@ class StageConfig:
     log_every: int = 10
     save_every: int = 200  # steps; rounded up to a multiple of log_every
     keep_checkpoints: int = 2
-    compile: bool = False
+    compile: bool | None = None  # None: on for CUDA (falls back to eager with a warning if it fails)
+    compile_mode: str = "regional"  # regional | layers (see compile_regions)
+    grad_checkpointing: bool = False
+    teacher_attn: str | None = None  # KD stages: the HF teacher's attn_implementation, e.g. flex_attention
+    chunked_loss: bool = True  # False: the full-logit reference loss (kd_loss_ref)
+    loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     seed: int = 0
 
 
@@ -89,14 +102,109 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def matmul_params(model) -> int:
-    """Parameters that cost 2 FLOPs per token in the forward: everything but the input embedding lookup, with the
-    output projection counted once whether or not it is tied to the embedding."""
-    n = sum(p.numel() for p in model.parameters())
-    emb = model.get_input_embeddings().weight
-    out = model.get_output_embeddings()
-    if out is not None and out.weight is emb:
-        return n
-    return n - emb.numel()
+    """Weights that cost 2 FLOPs per token each in the forward: every nn.Linear (the lm_head included, counted once
+    whether or not it is tied to the input embedding; the embedding lookup itself is free)."""
+    seen, n = set(), 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            n += module.weight.numel()
+    return n
+
+
+def _decoder_layers(model):
+    return getattr(getattr(model, "model", None), "layers", None) or []
+
+
+def sequence_mixing_flops(model, seq_len: int) -> int:
+    """Forward FLOPs per token that parameters do not count: attention scores and values, and the SSD scan.
+
+    Attention layer (H query heads of d): QK^T and PV are 2 * H * d FLOPs per key each; a causal token sees on
+    average (L + 1) / 2 keys, so 2 * H * d * (L + 1) per token. We count this useful causal work only: kernels that
+    take a dense block-diagonal mask (packed documents) do more, so MFU is, if anything, understated.
+    SSD layer (H heads, head dim P, state N, chunk Q), as mamba-ssm's chunked kernels run it: intra-chunk C B^T and
+    its product with x, causal within the chunk, 2 * H * (N + P) * (Q + 1) / 2; chunk states and their read-out
+    2 * H * P * N each."""
+    flops = 0
+    config = getattr(model, "config", None)
+    for layer in _decoder_layers(model):
+        attn = getattr(layer, "self_attn", None)
+        mixer = next((getattr(layer, n) for n in ("mamba", "mixer") if hasattr(layer, n)), None)
+        if attn is not None:
+            heads = getattr(attn, "num_heads", None) or config.num_attention_heads
+            head_dim = getattr(attn, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            flops += 2 * heads * head_dim * (seq_len + 1)
+        elif mixer is not None and hasattr(mixer, "nheads"):
+            h, p, n = mixer.nheads, mixer.headdim, mixer.d_state
+            q = min(getattr(mixer, "chunk_size", 256), seq_len)
+            flops += h * (n + p) * (q + 1) + 4 * h * p * n
+    return flops
+
+
+def training_flops_per_token(student, teacher, seq_len: int) -> dict:
+    """Model FLOPs per trained token (the MFU numerator, PaLM-style "model" FLOPs: recomputation from gradient
+    checkpointing is not counted):
+        student: 3 x (2 x matmul params + sequence mixing)   forward, and backward = 2 x forward
+        teacher: 1 x (2 x matmul params + sequence mixing)   forward only (no_grad)
+    The lm_heads are counted in full (the chunked loss still applies both to every token). Stages that freeze
+    parts of the student (MOHAWK 1-2) skip some weight gradients; their MFU is an upper estimate."""
+    s_fwd = 2 * matmul_params(student) + sequence_mixing_flops(student, seq_len)
+    t_fwd = 2 * matmul_params(teacher) + sequence_mixing_flops(teacher, seq_len) if teacher is not None else 0
+    return {"student": 3 * s_fwd, "teacher": t_fwd, "total": 3 * s_fwd + t_fwd}
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+def _set_compile_limits():
+    import torch._dynamo.config as dynamo_config
+    # One compiled region per layer kind, but every layer instance passes through it; keep the recompile budget
+    # above the number of distinct shapes we meet (last chunk of the loss, eval batches).
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(64, getattr(dynamo_config, name)))
+
+
+def compile_regions(model, mode: str = "regional") -> list:
+    """torch.compile parts of a model in place (`nn.Module.compile`, so state_dict keys do not change); returns the
+    compiled modules (give them to `uncompile`).
+
+    regional: the RMSNorms and MLPs of every layer, and whole attention layers (HF Llama layers, and the students'
+      attention layers). Mamba mixers stay eager: they call mamba-ssm's Triton kernels through autograd.Functions
+      that dynamo should not trace.
+    layers: every decoder layer whole, with the SSD scan and the gated-RMSNorm dispatchers wrapped in
+      torch.compiler.disable (graph breaks around the kernels; fuses the conv and the projections' epilogues)."""
+    if mode not in ("regional", "layers"):
+        raise ValueError(f"unknown compile_mode {mode!r}; choose regional or layers")
+    _set_compile_limits()
+    if mode == "layers":
+        from harness_ext.models import ssd
+        for name in ("ssd_scan", "gated_rmsnorm"):
+            fn = getattr(ssd, name)
+            if not getattr(fn, "_thinkfast_compiler_disabled", False):
+                wrapped = torch.compiler.disable(fn)
+                wrapped._thinkfast_compiler_disabled = True
+                setattr(ssd, name, wrapped)
+    compiled = []
+    for layer in _decoder_layers(model):
+        is_attention = getattr(layer, "is_attention", hasattr(layer, "self_attn"))
+        if mode == "layers" or is_attention:
+            parts = [layer]
+        else:
+            parts = [m for m in (getattr(layer, n, None) for n in ("input_layernorm", "post_attention_layernorm", "mlp"))
+                     if m is not None]
+        for part in parts:
+            part.compile()
+            compiled.append(part)
+    norm = getattr(getattr(model, "model", None), "norm", None)
+    if norm is not None:
+        norm.compile()
+        compiled.append(norm)
+    return compiled
+
+
+def uncompile(modules):
+    for module in modules:
+        module._compiled_call_impl = None
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -289,17 +397,81 @@ class Trainer:
         warmup = max(1, int(cfg.warmup_frac * self.total_steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda_factory(self.total_steps, warmup, cfg.min_lr_ratio))
+        if cfg.grad_checkpointing:
+            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.compiled: list = []
+        use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
+        if use_compile:
+            try:
+                self.compiled = compile_regions(self.student, cfg.compile_mode)
+                # Only the KD objectives run the teacher plainly; MOHAWK hooks into its layers (and switches its
+                # attention implementation), which compiled regions would trace or recompile.
+                if self.teacher is not None and hasattr(self.objective, "compile_chunk"):
+                    self.compiled += compile_regions(self.teacher, "regional")
+                if hasattr(self.objective, "compile_chunk"):
+                    self.objective.compile_chunk = True
+            except Exception as error:  # noqa: BLE001 - compile is an optimisation: never fatal
+                self._disable_compile(error)
+        self._teacher_attn_before = None
+        if cfg.teacher_attn and self.teacher is not None and hasattr(self.objective, "compile_chunk"):
+            # FlexAttention skips the blocks a packed (block-diagonal causal) mask removes; SDPA with a dense mask
+            # computes them all.
+            try:
+                before = self.teacher.config._attn_implementation
+                self.teacher.set_attn_implementation(cfg.teacher_attn)
+                self._teacher_attn_before = before
+            except Exception as error:  # noqa: BLE001
+                warnings.warn(f"[distill] teacher attn_implementation={cfg.teacher_attn!r} unavailable "
+                              f"({type(error).__name__}: {error}); keeping {self.teacher.config._attn_implementation}")
         module = self.objective
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             module = DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                          find_unused_parameters=cfg.trainable != "all" or cfg.objective.startswith("mohawk"))
-        if cfg.compile:
-            module = torch.compile(module)
         self.module = module
         self.peak = peak_flops(self.device)
-        n_teacher = matmul_params(self.teacher) if self.teacher is not None else 0
-        self.flops_per_token = 6 * matmul_params(self.student) + 2 * n_teacher
+        self.flops = training_flops_per_token(self.student, self.teacher, cfg.seq_len)
+        self.flops_per_token = self.flops["total"]
+
+    def _disable_compile(self, error):
+        warnings.warn(f"[distill] torch.compile failed ({type(error).__name__}: {str(error)[:500]}); "
+                      "continuing eager")
+        uncompile(self.compiled)
+        self.compiled = []
+        if hasattr(self.objective, "compile_chunk"):
+            self.objective.compile_chunk = False
+        torch._dynamo.reset()
+
+    def restore_teacher_attn(self):
+        """Give the (shared) teacher back its attention implementation."""
+        if self._teacher_attn_before is not None:
+            self.teacher.set_attn_implementation(self._teacher_attn_before)
+            self._teacher_attn_before = None
+
+    def _probe_compile(self, step: int):
+        """Compilation happens at the first call (forward and backward), so a failure would surface inside the
+        training loop. Run one micro-batch forward + backward on the objective itself (outside DDP: no collective
+        to hang if only one rank fails), drop its gradients, and fall back to eager if anything raised. The model
+        is deterministic and the data a pure function of the step, so this changes nothing the run computes."""
+        if not self.compiled and self._teacher_attn_before is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            batch = self._batch(step, 0)
+            with self._autocast():
+                teacher_out = self.objective.teacher_forward(self.teacher, batch)
+                loss, _ = self.objective(batch, teacher_out)
+            loss.backward()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except Exception as error:  # noqa: BLE001
+            self._disable_compile(error)
+            self.restore_teacher_attn()
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.rank == 0 and self.compiled:
+            print(f"[distill] {self.cfg.name}: compiled {len(self.compiled)} regions "
+                  f"({time.perf_counter() - t0:.1f}s incl. the probe step)", flush=True)
 
     def _batch(self, step: int, micro: int) -> dict:
         cfg = self.cfg
@@ -354,52 +526,67 @@ class Trainer:
         return int(state["step"])
 
     # -- main loop
+    def _reset_accumulators(self, keep_first_bad: bool = False):
+        dev = self.device
+        self._loss_sum = torch.zeros((), device=dev)
+        self._stat_sums: dict[str, torch.Tensor] = {}
+        if not keep_first_bad:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=dev)
+
+    def train_step(self, step: int):
+        """One optimizer step (all micro-batches); metrics accumulate on the device, nothing syncs with the host."""
+        cfg, dev = self.cfg, self.device
+        for micro in range(cfg.grad_accum):
+            batch = self._batch(step, micro)
+            sync = micro == cfg.grad_accum - 1 or self.world == 1
+            ctx = self.module.no_sync() if (not sync and hasattr(self.module, "no_sync")) else nullcontext()
+            with ctx:
+                with self._autocast():
+                    teacher_out = self.objective.teacher_forward(self.teacher, batch)
+                    loss, stats = self.module(batch, teacher_out)
+                if self.fault_hook is not None:
+                    loss = self.fault_hook(step, loss)
+                (loss / cfg.grad_accum).backward()
+            self._loss_sum += loss.detach() / cfg.grad_accum
+            for k, v in stats.items():
+                self._stat_sums[k] = self._stat_sums.get(k, torch.zeros((), device=dev)) + v.float() / cfg.grad_accum
+            bad = ~torch.isfinite(loss.detach())
+            self._first_bad = torch.where(bad & (self._first_bad < 0), torch.full_like(self._first_bad, step),
+                                          self._first_bad)
+        if cfg.grad_clip and cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in self.student.parameters() if p.requires_grad], cfg.grad_clip, foreach=True)
+            self._stat_sums["grad_norm"] = self._stat_sums.get("grad_norm", torch.zeros((), device=dev)) + grad_norm.float()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
     def train(self) -> dict:
         cfg = self.cfg
         self._build()
         start_step = self._resume()
+        if start_step < self.total_steps:
+            self._probe_compile(start_step)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         metrics_path = self.stage_dir / "metrics.jsonl"
         self.stage_dir.mkdir(parents=True, exist_ok=True)
         log_every = max(1, cfg.log_every)
         save_every = max(log_every, math.ceil(cfg.save_every / log_every) * log_every) if cfg.save_every else 0
         dev = self.device
-        loss_sum = torch.zeros((), device=dev)
-        stat_sums: dict[str, torch.Tensor] = {}
-        first_bad = torch.full((), -1, dtype=torch.long, device=dev)
+        self._reset_accumulators()
         bar = tqdm(total=self.total_steps, initial=start_step, desc=f"distill {cfg.name}", unit="step",
                    disable=not self.progress, dynamic_ncols=True)
         t_last, steps_since, step = time.perf_counter(), 0, start_step
         last_log: dict = {}
         for step in range(start_step, self.total_steps):
-            for micro in range(cfg.grad_accum):
-                batch = self._batch(step, micro)
-                sync = micro == cfg.grad_accum - 1 or self.world == 1
-                ctx = self.module.no_sync() if (not sync and hasattr(self.module, "no_sync")) else nullcontext()
-                with ctx:
-                    with self._autocast():
-                        teacher_out = self.objective.teacher_forward(self.teacher, batch)
-                        loss, stats = self.module(batch, teacher_out)
-                    if self.fault_hook is not None:
-                        loss = self.fault_hook(step, loss)
-                    (loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach() / cfg.grad_accum
-                for k, v in stats.items():
-                    stat_sums[k] = stat_sums.get(k, torch.zeros((), device=dev)) + v.float() / cfg.grad_accum
-                bad = ~torch.isfinite(loss.detach())
-                first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
-            if cfg.grad_clip and cfg.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [p for p in self.student.parameters() if p.requires_grad], cfg.grad_clip, foreach=True)
-                stat_sums["grad_norm"] = stat_sums.get("grad_norm", torch.zeros((), device=dev)) + grad_norm.float()
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.train_step(step)
             steps_since += 1
             done_steps = step + 1
             is_last = done_steps == self.total_steps
             if done_steps % log_every == 0 or is_last:
                 # The one host sync between logging points.
-                bad_step = int(first_bad.item())
+                bad_step = int(self._first_bad.item())
                 if self.world > 1:
                     t = torch.tensor([bad_step if bad_step >= 0 else 1 << 62], device=dev)
                     dist.all_reduce(t, op=dist.ReduceOp.MIN)
@@ -411,31 +598,37 @@ class Trainer:
                         f"stage {cfg.name}: non-finite loss (NaN/inf) at step {bad_step}; stopping. "
                         f"Last good checkpoint: {last or 'none (no checkpoint was written before the failure)'}")
                 if self.world > 1:  # log the global mean, as one process with accumulation would
-                    keys = sorted(stat_sums)
-                    packed = torch.stack([loss_sum] + [stat_sums[k] for k in keys])
+                    keys = sorted(self._stat_sums)
+                    packed = torch.stack([self._loss_sum] + [self._stat_sums[k] for k in keys])
                     dist.all_reduce(packed)
                     packed /= self.world
-                    loss_sum = packed[0].clone()
-                    stat_sums = {k: packed[j + 1].clone() for j, k in enumerate(keys)}
+                    self._loss_sum = packed[0].clone()
+                    self._stat_sums = {k: packed[j + 1].clone() for j, k in enumerate(keys)}
                 now = time.perf_counter()
                 tok_s = steps_since * self.tokens_per_step / max(now - t_last, 1e-9)
                 record = {"stage": cfg.name, "step": done_steps, "tokens": done_steps * self.tokens_per_step,
-                          "loss": loss_sum.item() / steps_since, "lr": self.scheduler.get_last_lr()[0],
+                          "loss": self._loss_sum.item() / steps_since, "lr": self.scheduler.get_last_lr()[0],
                           "tokens_per_s": tok_s}
-                record.update({k: v.item() / steps_since for k, v in stat_sums.items()})
+                record.update({k: v.item() / steps_since for k, v in self._stat_sums.items()})
+                # MFU: model FLOPs (training_flops_per_token) over the dense bf16 peak of every GPU in the job.
+                record["tflops"] = tok_s * self.flops_per_token / self.world / 1e12   # per GPU
                 record["mfu"] = (tok_s * self.flops_per_token / (self.peak * self.world)) if self.peak else None
+                record["flops_per_token"] = self.flops_per_token
+                record["peak_flops"] = self.peak
+                if dev.type == "cuda":
+                    record["max_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
                 if self.rank == 0:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tok_s:,.0f}")
                 last_log = record
-                loss_sum.zero_()
-                stat_sums.clear()
+                self._reset_accumulators(keep_first_bad=True)
                 t_last, steps_since = time.perf_counter(), 0
                 if save_every and done_steps % save_every == 0 and not is_last:
                     self.save_checkpoint(done_steps)
             bar.update(1)
         bar.close()
+        self.restore_teacher_attn()
         if start_step < self.total_steps:
             self.save_checkpoint(self.total_steps)
         return {"steps": self.total_steps, "tokens": self.total_steps * self.tokens_per_step, "last_log": last_log}

@@ -248,3 +248,90 @@ distill(recipe, {str(tiny_teacher)!r}, sys.argv[1], progress=False)
     ddp, single = losses(tmp_path / "ddp/stages/0-kd"), losses(tmp_path / "single/stages/0-kd")
     assert len(ddp) == len(single) == 4
     assert max(abs(a - b) for a, b in zip(ddp, single)) < 1e-4, (ddp, single)
+
+
+# ----------------------------------------------------------------------------- chunked KD loss
+
+@pytest.mark.parametrize("divergence,temperature,ce_weight", [
+    ("reverse_kl", 1.0, 0.0), ("forward_kl", 1.0, 0.0), ("reverse_kl", 2.0, 0.3), ("forward_kl", 0.7, 0.5),
+    (None, 1.0, 1.0)])  # None: SFT (plain CE, no teacher)
+def test_chunked_kd_loss_matches_full_logit_reference(divergence, temperature, ce_weight):
+    """Value and gradients (student hidden states, student lm_head) equal the full-logit loss, chunks uneven."""
+    from distill.kd import chunked_kd_loss, kd_loss_ref
+    g = torch.Generator().manual_seed(0)
+    B, L, D, V = 3, 11, 16, 97
+    h_s = torch.randn(B, L, D, generator=g, dtype=torch.float32)
+    w_s = torch.randn(V, D, generator=g, dtype=torch.float32) * 0.5
+    h_t = torch.randn(B, L, D, generator=g, dtype=torch.float32)
+    w_t = torch.randn(V, D, generator=g, dtype=torch.float32) * 0.5
+    labels = torch.randint(0, V, (B, L), generator=g)
+    labels[torch.rand(B, L, generator=g) < 0.3] = -100         # the loss mask
+    teacher = divergence is not None
+    results = []
+    for chunked in (False, True):
+        hs, ws = h_s.clone().requires_grad_(), w_s.clone().requires_grad_()
+        if chunked:
+            loss, stats = chunked_kd_loss(hs, ws, h_t if teacher else None, w_t if teacher else None, labels,
+                                          divergence or "reverse_kl", temperature, ce_weight, chunk_tokens=7)
+        else:
+            loss, stats = kd_loss_ref(hs @ ws.T, (h_t @ w_t.T) if teacher else None, labels,
+                                      divergence or "reverse_kl", temperature, ce_weight)
+        (loss * 1.7).backward()                                 # a non-unit upstream gradient
+        results.append((loss.detach(), {k: v.detach() for k, v in stats.items()}, hs.grad, ws.grad))
+    (l_ref, s_ref, gh_ref, gw_ref), (l_c, s_c, gh_c, gw_c) = results
+    torch.testing.assert_close(l_c, l_ref, rtol=1e-5, atol=1e-6)             # fp32 tolerances
+    assert s_c.keys() == s_ref.keys()
+    for k in s_ref:
+        torch.testing.assert_close(s_c[k], s_ref[k], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gh_c, gh_ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gw_c, gw_ref, rtol=1e-4, atol=1e-6)
+    assert gh_c[labels == -100].abs().max() == 0                # masked tokens get no gradient
+
+
+def test_kd_objective_chunked_equals_reference_on_students(tiny_teacher):
+    """KDObjective end to end (teacher lm_head skipped; student hidden via the model) equals the full-logit path."""
+    from transformers import AutoModelForCausalLM
+    from harness_ext.models.init_from_teacher import init_student
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
+    g = torch.Generator().manual_seed(1)
+    docs = [D.Document(torch.randint(3, 300, (n,), generator=g).numpy().astype("int32"), torch.ones(n).bool().numpy())
+            for n in (9, 20, 13, 22)]
+    batch = D.PackedStream(docs, 32, shuffle=False).rows([0, 1])
+    for arch in ("mambainllama", "llamba"):
+        grads = []
+        for chunked in (False, True):
+            torch.manual_seed(0)
+            student = init_student(tiny_teacher, arch).train()
+            objective = KDObjective(student, "reverse_kl", chunked=chunked, chunk_tokens=24)
+            loss, _ = objective(batch, objective.teacher_forward(teacher, batch))
+            loss.backward()
+            grads.append((loss.detach(), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}))
+        (l_ref, g_ref), (l_c, g_c) = grads
+        torch.testing.assert_close(l_c, l_ref, rtol=1e-5, atol=1e-6)
+        assert g_ref.keys() == g_c.keys() and "model.embed_tokens.weight" in g_c   # tied lm_head: its grad lands here
+        for name in g_ref:
+            torch.testing.assert_close(g_c[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{arch} {name}: {m}")
+
+
+def test_failing_compile_falls_back_to_eager(tiny_teacher, tmp_path, monkeypatch):
+    """A compile error (here: a backend that raises) is caught by the probe step; the run trains eagerly and ends
+    where a plain eager run ends."""
+    import distill.trainer as T
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("backend exploded")
+
+    def compile_broken(model, mode="regional"):
+        parts = [layer.mlp for layer in T._decoder_layers(model)]
+        for part in parts:
+            part.compile(backend=broken_backend)
+        return parts
+    eager = _kd_trainer(tiny_teacher, tmp_path / "eager", steps=2)
+    eager.train()
+    monkeypatch.setattr(T, "compile_regions", compile_broken)
+    broken = _kd_trainer(tiny_teacher, tmp_path / "broken", steps=2)
+    broken.cfg.compile = True
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        broken.train()
+    assert broken.compiled == [] and all(layer.mlp._compiled_call_impl is None for layer in T._decoder_layers(broken.student))
+    assert losses(tmp_path / "broken") == losses(tmp_path / "eager")
