@@ -1,4 +1,5 @@
-"""Check mamba-ssm's Triton kernels against the PyTorch references, forward and backward, in bf16.
+"""Check mamba-ssm's Triton kernels against the PyTorch references, forward and backward, in bf16 (training groups:
+fp32 weights under bf16 autocast, as `thinkfast distill` trains; `--train-precision bf16` for bf16 weights).
 
 On an H100 (mamba-ssm 2.3.2.post1 installed, CUDA extension not needed):
     python scripts/gpu_check_kernels.py --out runs/gpu_check
@@ -87,9 +88,10 @@ def build(arch, layers, vocab, chunk):
     return LlambaForCausalLM(config)
 
 
-def model_run(model, ids, seq_idx):
+def model_run(model, ids, seq_idx, autocast_dtype=None):
     model.zero_grad(set_to_none=True)
-    out = model(ids, seq_idx=seq_idx, labels=ids)
+    with torch.autocast(ids.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        out = model(ids, seq_idx=seq_idx, labels=ids)
     out.loss.backward()
     tensors = {"logits": out.logits.detach(), "loss": out.loss.detach()}
     for name, p in model.named_parameters():
@@ -147,6 +149,9 @@ def main(argv=None):
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--tol", type=float, default=1e-2)
+    parser.add_argument("--train-precision", choices=("autocast", "bf16"), default="autocast",
+                        help="forward+backward groups: fp32 weights under bf16 autocast (how `thinkfast distill` "
+                        "trains; default) or bf16 weights")
     parser.add_argument("--only", default=None, help="comma-separated group prefixes to run, e.g. 'decode,ssd_step' "
                         "(decode = the three decode groups; default: everything)")
     args = parser.parse_args(argv)
@@ -183,7 +188,12 @@ def main(argv=None):
         model32 = build(arch, args.layers, args.vocab, args.chunk).to(device=device)
         model32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
         if arch != "all-attention":
-            compare(arch, lambda: model_run(model.train(), ids, seq_idx), lambda: model_run(model32.train(), ids, seq_idx))
+            if args.train_precision == "autocast" and dtype != torch.float32:
+                compare(arch, lambda: model_run(model32.train(), ids, seq_idx, dtype),
+                        lambda: model_run(model32.train(), ids, seq_idx))
+            else:
+                compare(arch, lambda: model_run(model.train(), ids, seq_idx),
+                        lambda: model_run(model32.train(), ids, seq_idx))
         compare(f"{arch} decode", lambda: decode_run(model.eval(), prompts), lambda: decode_run(model32.eval(), prompts))
         del model, model32
 
@@ -222,7 +232,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     result = {"device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
               "kernel": kernel, "dtype": str(dtype), "batch": args.batch, "seqlen": args.seqlen, "layers": args.layers,
-              "tol": args.tol, "metric": "norm_rel = ||kernel - ref|| / ||ref|| (same dtype)", "rows": rows}
+              "tol": args.tol, "train_precision": args.train_precision, "metric": "norm_rel = ||kernel - ref|| / ||ref|| (same dtype)", "rows": rows}
     (out / "gpu_check_kernels.json").write_text(json.dumps(result, indent=2))
     worst = max(rows, key=lambda r: r["norm_rel"])
     print(f"\nworst norm_rel: {worst['group']}: {worst['tensor']} {worst['norm_rel']:.3e}; "

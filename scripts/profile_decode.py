@@ -282,7 +282,7 @@ def main(argv=None):
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if any(m not in MODELS for m in models):
         raise SystemExit(f"--models: choose from {', '.join(MODELS)}")
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     t_start = time.perf_counter()
     bandwidth = measure_copy_bandwidth(device)

@@ -865,7 +865,7 @@ class TrainRecipe:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     head_hidden: int = 256
     step_mode: str = "auto"
-    gen_batch_size: int = 256
+    gen_batch_size: int = 1024          # engine slots for labelling (the committed default was trained with 1024)
     seed: int = 0
 
 
