@@ -175,6 +175,38 @@ def test_bon_metrics_recomputed_from_samples(cli_run):
             assert all(doc[name] == pytest.approx(m[name], abs=1e-12) for doc, m in zip(docs, per_doc))
 
 
+def test_data_parallel_processes_split_the_documents(tiny_student, tmp_path):
+    """Two processes under torchrun (the launcher `accelerate launch --multi_gpu` uses): each rank generates for every
+    second document and rank 0 reports all of them. ACCELERATE_USE_CPU makes accelerate set up gloo on CPU; HFLM
+    itself enables data parallelism only with several GPUs, so the backend adopts the accelerator's rank."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    limit = 4
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               ACCELERATE_USE_CPU="1")
+    proc = subprocess.run(
+        [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+         "-m", "lm_eval", "--model", "thinkfast", "--model_args", f"pretrained={tiny_student}", "--device", "cpu",
+         "--tasks", "gsm8k500_bon", "--limit", str(limit), "--gen_kwargs", "max_gen_toks=16",
+         "--metadata", json.dumps({"n": N}), "--batch_size", "8", "--log_samples", "--output_path", str(tmp_path),
+         "--seed", "0"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    assert "gsm8k500_bon on rank 0" in log and "gsm8k500_bon on rank 1" in log, log[-3000:]
+    # rank 0 (the only one with a progress bar) generated for its half: N samples for each of limit / 2 documents
+    assert f"Running generate_until requests: 100%|██████████| {limit // 2 * N}/{limit // 2 * N}" in log
+    results, samples = read_outputs(tmp_path)
+    docs = samples["gsm8k500_bon"]
+    assert sorted(doc["doc_id"] for doc in docs) == list(range(limit))
+    metrics_from_records = task_utils().metrics_from_records
+    per_doc = [metrics_from_records(doc["filtered_resps"][0]) for doc in docs]
+    for name, value in _reported(results, "gsm8k500_bon").items():
+        assert value == pytest.approx(sum(m[name] for m in per_doc) / limit, abs=1e-12), name
+
+
 def test_samples_carry_answers_correctness_and_prm_scores(cli_run):
     from harness_ext.scoring.answers import extract_answer, is_equiv
 

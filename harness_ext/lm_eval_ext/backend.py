@@ -7,6 +7,7 @@
 Several GPUs, data parallel (each process takes every world_size-th document, as with lm-eval's `hf` model):
     accelerate launch --multi_gpu --num_processes 8 -m lm_eval --model thinkfast \
         --model_args pretrained=ckpt/mil50 --tasks math500_bon --apply_chat_template --batch_size auto
+Several CPU processes (what the tests run): ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m lm_eval ...
 
 Thin subclasses of lm-eval's HFLM, in the style of lm-eval's `mamba_ssm` backend: HFLM keeps tokenisation, chat
 templates (`--apply_chat_template`, `tokenizer_name`, `chat_template`), the accelerate rank / world-size set-up and
@@ -91,6 +92,11 @@ class ThinkfastLM(HFLM):
         super().__init__(pretrained=pretrained, backend="causal", device=device, dtype=dtype,
                          batch_size=batch_size if batch_size is not None else 1,
                          max_batch_size=max_batch_size or 64, **kwargs)
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None and accelerator.num_processes > 1 and self.world_size == 1:
+            # HFLM turns on data parallelism only when it sees several GPUs; processes on CPU (torchrun, or
+            # accelerate with MULTI_CPU) would otherwise each evaluate every document
+            self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
 
     # ------------------------------------------------------------------ loading
 
