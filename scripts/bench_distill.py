@@ -6,6 +6,12 @@
     python scripts/bench_distill.py --out runs/bench_distill --configs chunked-compile --micro-batches 16,32
     # CPU smoke (tiny shapes, seconds)
     python scripts/bench_distill.py --out /tmp/bench_distill --device cpu --tiny
+    # A/B of the Triton conv and varlen training attention against the reference paths, one GPU call (< 4 min)
+    python scripts/bench_distill.py --out runs/bench_distill_ab --micro-batches 16 \
+        --configs chunked-compile,chunked-compile-conv,chunked-compile-fast
+    # the same with any environment: one run of the chosen configs per --env (an empty one = as is)
+    python scripts/bench_distill.py --out runs/bench_distill_ab --configs chunked-compile --micro-batches 16 \
+        --env "" --env THINKFAST_CONV=triton,THINKFAST_TRAIN_ATTN=varlen
 
 Each configuration runs the real `distill.trainer.Trainer` step (`Trainer.train_step`: teacher forward, student
 forward + backward, clip, fused AdamW) for `--warmup` untimed and `--steps` timed optimizer steps on one device,
@@ -19,6 +25,11 @@ Configurations (micro-batches: --micro-batches if given, else the default in bra
   chunked-layers     chunked KD loss, compile_mode=layers (whole layers; SSD kernels behind compiler.disable)
   chunked-flex       chunked-compile with the teacher on FlexAttention (document-causal block mask)
   chunked-ckpt       chunked KD loss, regional compile, gradient checkpointing (for micro-batches that OOM without)
+  chunked-compile-conv   chunked-compile with THINKFAST_CONV=triton (Triton depthwise conv in the Mamba mixers)
+  chunked-compile-varlen chunked-compile with THINKFAST_TRAIN_ATTN=varlen (students' attention: one flash call
+                         over the packed documents instead of SDPA with a dense block-diagonal mask)
+  chunked-compile-fast   chunked-compile with both
+A config's environment (and --env's) is set for its run only; the table's `env` column says which was used.
 A failing configuration (OOM, compile error) is recorded with its error and the run goes on; configurations that
 would start after --deadline seconds are recorded as skipped. Output: a table on stdout and OUT/bench_distill.json.
 """
@@ -27,6 +38,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import tempfile
 import time
@@ -46,6 +58,12 @@ CONFIGS = {
     "chunked-layers": dict(chunked_loss=True, compile=True, compile_mode="layers"),
     "chunked-flex": dict(chunked_loss=True, compile=True, compile_mode="regional", teacher_attn="flex_attention"),
     "chunked-ckpt": dict(chunked_loss=True, compile=True, compile_mode="regional", grad_checkpointing=True),
+    "chunked-compile-conv": dict(chunked_loss=True, compile=True, compile_mode="regional",
+                                 env={"THINKFAST_CONV": "triton"}),
+    "chunked-compile-varlen": dict(chunked_loss=True, compile=True, compile_mode="regional",
+                                   env={"THINKFAST_TRAIN_ATTN": "varlen"}),
+    "chunked-compile-fast": dict(chunked_loss=True, compile=True, compile_mode="regional",
+                                 env={"THINKFAST_CONV": "triton", "THINKFAST_TRAIN_ATTN": "varlen"}),
 }
 DEFAULT_CONFIGS = "ref-eager,chunked-eager,chunked-compile,chunked-flex,chunked-layers"
 
@@ -75,12 +93,49 @@ def random_stream(vocab: int, seq_len: int, rows: int, seed: int = 0):
     return PackedStream(docs, seq_len, seed=seed)
 
 
-def run_config(name, spec, arch, micro, args, teacher, teacher_dir, device, stage_root) -> dict:
+def parse_env(text: str) -> dict:
+    """'A=1,B=x' -> {'A': '1', 'B': 'x'}; '' -> {}."""
+    env = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        if "=" not in item:
+            raise ValueError(f"--env items must be NAME=VALUE, got {item!r}")
+        name, value = item.split("=", 1)
+        env[name.strip()] = value.strip()
+    return env
+
+
+class scoped_env:
+    """Set environment variables for one configuration's run, then restore them."""
+
+    def __init__(self, env: dict):
+        self.env, self.saved = env, {}
+
+    def __enter__(self):
+        for name, value in self.env.items():
+            self.saved[name] = os.environ.get(name)
+            os.environ[name] = value
+
+    def __exit__(self, *exc):
+        for name, value in self.saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def run_config(name, spec, arch, micro, args, teacher, teacher_dir, device, stage_root, env=None) -> dict:
+    env = {**spec.get("env", {}), **(env or {})}
+    row = {"arch": arch, "config": name, "micro_batch": micro, "seq_len": args.seq_len,
+           "env": ",".join(f"{k}={v}" for k, v in env.items())}
+    with scoped_env(env):
+        return _run_config(row, name, spec, arch, micro, args, teacher, teacher_dir, device, stage_root)
+
+
+def _run_config(row, name, spec, arch, micro, args, teacher, teacher_dir, device, stage_root) -> dict:
     from distill.cli import make_objective
     from distill.trainer import StageConfig, Trainer, uncompile
     from harness_ext.models.init_from_teacher import init_student
 
-    row = {"arch": arch, "config": name, "micro_batch": micro, "seq_len": args.seq_len}
     trainer = student = None
     try:
         torch.manual_seed(0)
@@ -166,9 +221,11 @@ def main(argv=None) -> int:
     parser.add_argument("--deadline", type=float, default=180.0, help="skip configs that would start after this many s")
     parser.add_argument("--loss-chunk-tokens", type=int, default=4096)
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the device's dense bf16 peak")
+    parser.add_argument("--env", action="append", default=None, metavar="NAME=VALUE,...",
+                        help="repeatable: run every chosen config once per --env with these environment variables "
+                             "(\"\" = unchanged), e.g. --env \"\" --env THINKFAST_CONV=triton,THINKFAST_TRAIN_ATTN=varlen")
     args = parser.parse_args(argv)
 
-    import os
     import harness_ext.models as models
     models.register()
     if args.peak_tflops:
@@ -201,33 +258,40 @@ def main(argv=None) -> int:
     print(f"[bench_distill] device {device_name}; teacher {tcfg.num_hidden_layers} layers x {tcfg.hidden_size}, "
           f"vocab {tcfg.vocab_size}; seq {args.seq_len}; configs {configs}", flush=True)
 
+    try:
+        variants = [parse_env(text) for text in (args.env or [""])]
+    except ValueError as error:
+        parser.error(str(error))
     # Config-major order, so that the time box, if it strikes, cuts the least important runs of both archs.
     plan = []
     for name in configs:
         for micro in forced or CONFIGS[name].get("micro", (16,)):
-            for arch in args.archs.split(","):
-                plan.append((arch, name, micro))
+            for env in variants:
+                for arch in args.archs.split(","):
+                    plan.append((arch, name, micro, env))
     rows = []
-    for arch, name, micro in plan:
+    for arch, name, micro, env in plan:
         elapsed = time.perf_counter() - t_start
         if elapsed > args.deadline:
-            rows.append({"arch": arch, "config": name, "micro_batch": micro, "error": f"skipped: time box ({elapsed:.0f}s)"})
+            rows.append({"arch": arch, "config": name, "micro_batch": micro,
+                         "env": ",".join(f"{k}={v}" for k, v in {**CONFIGS[name].get("env", {}), **env}.items()),
+                         "error": f"skipped: time box ({elapsed:.0f}s)"})
             continue
-        row = run_config(name, CONFIGS[name], arch, micro, args, teacher, tmp, device, out / "stages")
+        row = run_config(name, CONFIGS[name], arch, micro, args, teacher, tmp, device, out / "stages", env)
         rows.append(row)
         status = row.get("error") or (f"{row['tokens_per_s']:,.0f} tok/s, MFU {fmt(row['mfu'], '.1%')}, "
                                       f"{fmt(row['peak_mem_gb'], '.1f')} GB, loss {row['loss']:.4f}")
-        print(f"[bench_distill] {arch:12s} {name:16s} mb {micro:3d}: {status}", flush=True)
+        print(f"[bench_distill] {arch:12s} {name:16s} mb {micro:3d} {row['env'] or '-'}: {status}", flush=True)
         (out / "bench_distill.json").write_text(json.dumps({"device": device_name, "rows": rows}, indent=1))
 
-    header = f"{'arch':12s} {'config':16s} {'mb':>3s} {'tok/s':>10s} {'MFU':>6s} {'TFLOP/s':>8s} {'step ms':>8s} " \
-             f"{'mem GB':>7s} {'setup s':>7s} {'loss0':>8s}  error"
+    header = f"{'arch':12s} {'config':22s} {'mb':>3s} {'tok/s':>10s} {'MFU':>6s} {'TFLOP/s':>8s} {'step ms':>8s} " \
+             f"{'mem GB':>7s} {'setup s':>7s} {'loss0':>8s}  env / error"
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
-        print(f"{r['arch']:12s} {r['config']:16s} {r['micro_batch']:3d} {fmt(r.get('tokens_per_s'), '10,.0f'):>10s} "
+        print(f"{r['arch']:12s} {r['config']:22s} {r['micro_batch']:3d} {fmt(r.get('tokens_per_s'), '10,.0f'):>10s} "
               f"{fmt(r.get('mfu'), '6.1%'):>6s} {fmt(r.get('tflops'), '8.1f'):>8s} {fmt(r.get('step_ms'), '8.1f'):>8s} "
               f"{fmt(r.get('peak_mem_gb'), '7.1f'):>7s} {fmt(r.get('setup_s'), '7.1f'):>7s} "
-              f"{fmt(r.get('first_loss'), '8.4f'):>8s}  {r.get('error', '')[:80]}")
+              f"{fmt(r.get('first_loss'), '8.4f'):>8s}  {r.get('env') or '-'} {r.get('error', '')[:80]}")
     summary = {"device": device_name, "seq_len": args.seq_len, "teacher": tcfg.to_dict(), "wall_s": time.perf_counter() - t_start,
                "rows": rows}
     (out / "bench_distill.json").write_text(json.dumps(summary, indent=1, default=str))

@@ -5,6 +5,15 @@ On an H100 (mamba-ssm 2.3.2.post1 installed, CUDA extension not needed):
     python scripts/gpu_check_kernels.py --out runs/gpu_check
 CPU smoke test (reference against itself, small sizes):
     python scripts/gpu_check_kernels.py --out /tmp/gpu_check --device cpu --seqlen 96 --batch 2 --layers 2
+Only the training-path kernels of `conv_kernels` and the packed training attention (a minute on an H100):
+    python scripts/gpu_check_kernels.py --out runs/gpu_check_train --only conv,train-attn,fast-train
+
+Training-path groups: `conv` (the Triton depthwise conv vs `causal_conv1d_ref`, forward + x/weight/bias grads, at
+MambaInLlama's xBC width 960 = 192 + 192 + 576 with SiLU and Llamba's 1728 = 576 + 2 * 9 * 64 without; bf16 x and
+fp32 weights, as under autocast), `conv prefill` (the prefill variant: output and per-prompt conv states),
+`train-attn varlen` / `train-attn flex` (packed-document attention, forward + q/k/v grads, vs SDPA with the dense
+block-diagonal mask), and `<arch> fast-train` (whole students with THINKFAST_CONV=triton and
+THINKFAST_TRAIN_ATTN=varlen plus the mamba-ssm scan, vs the all-reference model).
 
 Both architectures at SmolLM2-135M width (hidden 576, 9 query / 3 KV heads, head_dim 64), packed batches with
 seq_idx boundaries; plus the fused decode step (`decode_kernels`) against `decode_step_ref`, and `ssd_step` with and
@@ -33,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness_ext.models import ssd  # noqa: E402
+from harness_ext.models import conv_kernels, runtime, ssd  # noqa: E402
 from harness_ext.models.llamba import LlambaConfig, LlambaForCausalLM  # noqa: E402
 from harness_ext.models.mambainllama import MambaInLlamaConfig, MambaInLlamaForCausalLM  # noqa: E402
 
@@ -120,6 +129,58 @@ def step_run(inputs, with_bias=True):
     return {f"{tag}:y": y, f"{tag}:state": state}
 
 
+def kernel_run() -> bool:
+    """True inside compare()'s kernel-path call (THINKFAST_KERNELS=triton), False in its reference calls."""
+    return os.environ.get("THINKFAST_KERNELS") == "triton"
+
+
+def with_training_paths(fn, conv="triton", attn="varlen"):
+    """fn with the training-path switches on in the kernel-path call only (the reference calls keep ref / sdpa)."""
+    def run():
+        conv_kernels.CONV_MODE = conv if kernel_run() else "ref"
+        runtime.TRAIN_ATTN = attn if kernel_run() else "sdpa"
+        try:
+            return fn()
+        finally:
+            conv_kernels.CONV_MODE = None
+            runtime.TRAIN_ATTN = None
+    return run
+
+
+def conv_run(inputs, seq_idx, activation, tag):
+    """Depthwise conv forward + backward through `ssd.causal_conv1d` (Triton when switched on, else the ref)."""
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items() if k != "wide"}
+    # x as the in_proj split hands it over: a column slice of a wider row
+    x = inputs["wide"].detach().clone()[..., 5:5 + leaves["x"].shape[-1]].copy_(leaves["x"].detach())
+    x = x.requires_grad_(True)
+    out = ssd.causal_conv1d(x, leaves["weight"], leaves["bias"], seq_idx=seq_idx, activation=activation)
+    (out.float().square().mean() + out.float().mean()).backward()
+    return {f"{tag}:out": out.detach(), f"{tag}:grad_x": x.grad, f"{tag}:grad_weight": leaves["weight"].grad,
+            f"{tag}:grad_bias": leaves["bias"].grad}
+
+
+def conv_prefill_run(inputs, seq_idx, cu_seqlens, activation, tag):
+    with torch.no_grad():
+        out, states = ssd.causal_conv1d_with_states(inputs["x"], inputs["weight"], inputs["bias"], seq_idx=seq_idx,
+                                                    cu_seqlens=cu_seqlens, activation=activation)
+    return {f"{tag}:out": out, f"{tag}:states": states}
+
+
+def train_attn_run(attn, inputs, seq_idx, tag):
+    """Packed-document attention forward + backward: the packed path when switched on (it must engage: a refused
+    probe raises here), else SDPA with the dense block-diagonal mask."""
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
+    ctx = runtime.ForwardContext(mode="full", seq_idx=seq_idx)
+    if runtime.train_attn_mode() != "sdpa":
+        if not runtime.plan_packed_attention(ctx, seq_idx):
+            raise RuntimeError(f"THINKFAST_TRAIN_ATTN={runtime.train_attn_mode()} refused by its probe (see warning)")
+        out = attn._packed_attention(leaves["q"], leaves["k"], leaves["v"], ctx)
+    else:
+        out = attn._attend(leaves["q"], leaves["k"], leaves["v"], runtime.doc_causal_mask(seq_idx), False)
+    (out.float().square().mean() + out.float().mean()).backward()
+    return {f"{tag}:out": out.detach(), **{f"{tag}:grad_{k}": v.grad for k, v in leaves.items()}}
+
+
 def decode_run(model, prompts, steps=8):
     """Prefill (reference kernels) then `steps` decode steps through `model.decode_step` (fused kernels when the
     mode allows) -- greedy on the reference's tokens is not needed: the same token ids are fed to both paths."""
@@ -171,9 +232,16 @@ def main(argv=None):
         if wanted and not any(group.startswith(w) or group.endswith(w) for w in wanted):
             return
         start = time.time()
-        got = with_kernels(kernel, fn)
-        ref = with_kernels("ref", fn)
-        ref32 = with_kernels("ref", fn_fp32)
+        try:
+            got = with_kernels(kernel, fn)
+            ref = with_kernels("ref", fn)
+            ref32 = with_kernels("ref", fn_fp32)
+        except Exception as error:  # noqa: BLE001 - one broken path must not cost the rest of the (GPU) run
+            message = f"{type(error).__name__}: {str(error)[:300]}"
+            print(f"  {group}: FAILED to run: {message}", flush=True)
+            rows.append({"group": group, "tensor": "ERROR " + message[:60], "norm_rel": float("inf"),
+                         "max_rel": float("inf"), "kern_fp32": float("inf"), "ref_fp32": 0.0, "error": message})
+            return
         for name in ref:
             rows.append({"group": group, "tensor": name, "norm_rel": norm_err(got[name], ref[name]),
                          "max_rel": rel_err(got[name], ref[name]),
@@ -194,8 +262,47 @@ def main(argv=None):
             else:
                 compare(arch, lambda: model_run(model.train(), ids, seq_idx),
                         lambda: model_run(model32.train(), ids, seq_idx))
+            # the same training step with the Triton conv and (MambaInLlama) varlen attention switched on
+            if args.train_precision == "autocast" and dtype != torch.float32:
+                fast = with_training_paths(lambda: model_run(model32.train(), ids, seq_idx, dtype))
+            else:
+                fast = with_training_paths(lambda: model_run(model.train(), ids, seq_idx))
+            compare(f"{arch} fast-train", fast, lambda: model_run(model32.train(), ids, seq_idx))
         compare(f"{arch} decode", lambda: decode_run(model.eval(), prompts), lambda: decode_run(model32.eval(), prompts))
         del model, model32
+
+    # depthwise conv: MambaInLlama's xBC (x 192, B 192, C 576; SiLU) and Llamba's (x 576, B/C 9 x 64; identity)
+    for width, activation in ((960, "silu"), (1728, None)):
+        conv32 = {"x": torch.randn(args.batch, args.seqlen, width, generator=gen),
+                  "weight": torch.randn(width, 4, generator=gen) / 2, "bias": torch.randn(width, generator=gen) / 4}
+        conv32["wide"] = torch.zeros(args.batch, args.seqlen, width + 37)
+        conv32 = {k: v.to(device) for k, v in conv32.items()}
+        conv_in = {k: (v.to(dtype) if k in ("x", "wide") else v) for k, v in conv32.items()}   # autocast-like
+        tag = f"conv{width}"
+        compare("conv", with_training_paths(lambda: conv_run(conv_in, seq_idx, activation, tag)),
+                lambda: conv_run(conv32, seq_idx, activation, tag))
+        lens = [7, 100, 1, 3, 33, 64, max(1, args.seqlen - 208)]                # prompts incl. shorter than the width
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=device, dtype=torch.int32)
+        seq1 = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens)).to(device, torch.int32)[None]
+        pre32 = {"x": torch.randn(1, sum(lens), width, generator=gen).to(device), "weight": conv32["weight"],
+                 "bias": conv32["bias"]}
+        pre_in = {k: v.to(dtype) for k, v in pre32.items()}
+        compare("conv prefill", with_training_paths(lambda: conv_prefill_run(pre_in, seq1, cu, activation, tag)),
+                lambda: conv_prefill_run(pre32, seq1, cu, activation, tag))
+
+    # packed-document training attention at SmolLM2 shape (9 query / 3 KV heads of 64), the model groups' seq_idx
+    attn_config = MambaInLlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                                     num_hidden_layers=1, vocab_size=args.vocab)
+    attn = runtime.LlamaAttention(attn_config, 0).to(device)
+    attn32_in = {"q": torch.randn(args.batch, 9, args.seqlen, 64, generator=gen),
+                 "k": torch.randn(args.batch, 3, args.seqlen, 64, generator=gen),
+                 "v": torch.randn(args.batch, 3, args.seqlen, 64, generator=gen)}
+    attn32_in = {k: v.to(device) for k, v in attn32_in.items()}
+    attn_in = {k: v.to(dtype) for k, v in attn32_in.items()}
+    for mode in ("varlen", "flex"):
+        compare(f"train-attn {mode}", with_training_paths(lambda: train_attn_run(attn, attn_in, seq_idx, "attn"),
+                                                          attn=mode),
+                lambda: train_attn_run(attn, attn32_in, seq_idx, "attn"))
 
     heads, headdim, dstate = 9, 64, 64
     b, l = args.batch, args.seqlen

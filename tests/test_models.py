@@ -257,6 +257,168 @@ def test_fast_decode_kernels_match_ref_under_triton_interpreter(tmp_path):
     assert "fast decode OK" in proc.stdout
 
 
+CONV_SCRIPT = r"""
+import os, sys, torch
+sys.path.insert(0, sys.argv[1])
+from test_models import tiny_mil, tiny_llamba, VOCAB
+from harness_ext.models import conv_kernels as ck, ssd
+
+torch.manual_seed(0)
+# row 0: docs of 1, 2, 13 (ends on the 16-row tile edge), 1 (starts a tile), 20; row 1: one doc across 3 tiles
+B, L, C, K = 2, 37, 20, 4
+seq_idx = torch.tensor([[0] + [1] * 2 + [2] * 13 + [3] + [4] * 20, [0] * 37], dtype=torch.int32)
+x_wide = torch.randn(B, L, 2 * C)
+x = x_wide[..., 3:3 + C]                           # a column slice, as the in_proj split gives (row stride 2C)
+w, bias = torch.randn(C, K), torch.randn(C)
+for act, seq, b in (("silu", seq_idx, bias), (None, seq_idx, bias), ("silu", None, bias), (None, None, None)):
+    xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ba = b.clone().requires_grad_() if b is not None else None
+    got = ck.causal_conv1d(xa, wa, ba, seq, activation=act, block_l=16, block_c=16)   # 2 channel tiles, 1 masked
+    grad = torch.randn_like(got)
+    got.backward(grad)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    br = b.clone().requires_grad_() if b is not None else None
+    ref = ssd.causal_conv1d_ref(xr, wr, br, seq, activation=act)
+    ref.backward(grad)
+    pairs = [(got, ref), (xa.grad, xr.grad), (wa.grad, wr.grad)] + ([(ba.grad, br.grad)] if b is not None else [])
+    for i, (a, r) in enumerate(pairs):
+        assert (a - r).abs().max() < 1e-4 * max(1.0, r.abs().max()), (act, seq is not None, i, (a - r).abs().max())
+# packed prefill row: documents of 1, 3 (< width), 12 (crossing a tile edge), 5; states as conv_state_from_inputs
+lens = torch.tensor([1, 3, 12, 5])
+cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0))
+seq1 = torch.repeat_interleave(torch.arange(4), lens).to(torch.int32)[None]
+x1 = torch.randn(1, int(lens.sum()), C)
+out, states = ck.causal_conv1d_with_states(x1, w, bias, seq1, cu, activation="silu", block_l=16, block_c=16)
+assert (out - ssd.causal_conv1d_ref(x1, w, bias, seq1, activation="silu")).abs().max() < 1e-5
+assert torch.equal(states, ssd.conv_state_from_inputs(x1, K, cu_seqlens=cu))
+try:
+    ck.causal_conv1d(x, w[:5], bias)
+    raise AssertionError("a bad weight shape was accepted")
+except ValueError as err:
+    assert "weight" in str(err)
+
+# through the models: packed training forward + backward and prefill + decode, Triton conv vs the reference
+for build in (tiny_mil, tiny_llamba):
+    results = {}
+    for mode in ("ref", "triton"):
+        ck.CONV_MODE = mode
+        model = build().train()
+        ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+        seq = torch.zeros(2, 24, dtype=torch.int32)
+        seq[0, 5:] = 1
+        seq[0, 6:] = 2
+        seq[1, 17:] = 1
+        loss = model(ids, seq_idx=seq, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if "conv1d" in n or "in_proj" in n}
+        state = model.eval().allocate_decode_state(3, 32)
+        prompts = [ids[0, :5], ids[1, :2], ids[0, 5:16]]
+        logits = model.prefill(prompts, state, torch.arange(3))
+        conv_states = [layer["conv_state"].clone() for layer in state.layers if "conv_state" in layer]
+        results[mode] = (loss, grads, logits, conv_states)
+    (l1, g1, p1, c1), (l2, g2, p2, c2) = results["ref"], results["triton"]
+    assert abs(float(l1.detach() - l2.detach())) < 1e-5
+    assert all((g1[n] - g2[n]).abs().max() < 1e-4 for n in g1), [(n, (g1[n] - g2[n]).abs().max()) for n in g1]
+    assert (p1 - p2).abs().max() < 1e-4 and all((a - b).abs().max() < 1e-5 for a, b in zip(c1, c2))
+print("conv OK")
+"""
+
+
+def test_triton_causal_conv1d_matches_ref_under_interpreter():
+    """The Triton conv (THINKFAST_CONV=triton on CUDA) against `causal_conv1d_ref` on CPU via Triton's interpreter
+    (fp32: the interpreter is unreliable in bf16): values and x/weight/bias grads with and without SiLU, bias and
+    seq_idx; documents of length 1 and shorter than the width, boundaries on tile edges; the prefill variant's
+    per-document states; and whole students (training grads, prefill logits and states) through the dispatch."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, TRITON_INTERPRET="1", THINKFAST_KERNELS="auto")
+    env.pop("THINKFAST_CONV", None)
+    proc = subprocess.run([sys.executable, "-c", CONV_SCRIPT, str(Path(__file__).parent)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "conv OK" in proc.stdout
+
+
+def test_conv_dispatch_defaults_to_ref(monkeypatch):
+    from harness_ext.models import conv_kernels
+    x = torch.randn(1, 5, 3)
+    monkeypatch.delenv("THINKFAST_CONV", raising=False)
+    assert conv_kernels.conv_mode() == "ref" and not conv_kernels.use_triton_conv(x)
+    monkeypatch.setenv("THINKFAST_CONV", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not conv_kernels.use_triton_conv(x)          # CPU tensor, no interpreter: the reference
+    monkeypatch.setenv("THINKFAST_CONV", "fast")
+    with pytest.raises(ValueError, match="THINKFAST_CONV"):
+        conv_kernels.conv_mode()
+
+
+def _fake_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+    """torch's varlen_attn contract (2.11 signature, no enable_gqa) on CPU: causal SDPA per document."""
+    assert window_size == (-1, 0) and query.shape[1] == key.shape[1] and int(torch.diff(cu_seq_q).max()) <= max_q
+    outs = []
+    for start, end in zip(cu_seq_q[:-1].tolist(), cu_seq_q[1:].tolist()):
+        q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))
+        outs.append(torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(0, 1))
+    return torch.cat(outs)
+
+
+def test_packed_training_attention_paths_match_dense_mask(monkeypatch):
+    """THINKFAST_TRAIN_ATTN=varlen|flex against the dense block-diagonal mask (sdpa, the reference): the varlen
+    plumbing (flattened rows, cu_seqlens, GQA, the static max length) through a CPU stand-in for the flash kernel in
+    bf16, and flex's document block mask (forward only: FlexAttention has no CPU backward). Unusable modes fall
+    back to the reference after the probe."""
+    from harness_ext.models import runtime
+
+    seq = torch.zeros(2, 40, dtype=torch.int32)
+    seq[0, 7:] = 1
+    seq[0, 8:] = 2
+    seq[1, 30:] = 1
+    assert runtime.packed_cu_seqlens(seq).tolist() == [0, 7, 8, 40, 70, 80]
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
+    model = tiny_mil().train()
+
+    def run(mode, dtype=torch.float32, grad=True):
+        monkeypatch.setattr(runtime, "TRAIN_ATTN", mode)
+        m = model.to(dtype)
+        m.zero_grad(set_to_none=True)
+        with torch.set_grad_enabled(grad):
+            out = m(ids, seq_idx=seq, labels=ids)
+            if grad:
+                out.loss.backward()
+        grads = {n: p.grad.float() for n, p in m.named_parameters() if p.grad is not None}
+        return out.logits.float(), grads
+
+    monkeypatch.setattr(runtime, "_VARLEN", {"checked": True, "fn": _fake_varlen_attn,
+                                             "kwargs": {"window_size": (-1, 0)}, "gqa": False, "scale": True})
+    monkeypatch.setattr(runtime, "_TRAIN_ATTN_OK", {("varlen", "cpu"): True, ("flex", "cpu"): True})
+    ref_logits, ref_grads = run("sdpa", torch.bfloat16)
+    logits, grads = run("varlen", torch.bfloat16)
+    assert (logits - ref_logits).abs().max() < 2e-2 * ref_logits.abs().max()
+    flat_ref = torch.cat([g.flatten() for g in ref_grads.values()])
+    flat = torch.cat([grads[name].flatten() for name in ref_grads])
+    assert (flat - flat_ref).norm() < 2e-2 * flat_ref.norm()           # bf16 noise of two summation orders
+    for name, g in ref_grads.items():
+        assert (grads[name] - g).norm() <= 1e-1 * g.norm() + 1e-6, name
+    # fp32 (no flash kernel): the varlen mode runs the dense-mask reference inside the layer, exactly
+    ref32, ref32_grads = run("sdpa")
+    got32, got32_grads = run("varlen")
+    assert torch.equal(got32, ref32) and all(torch.equal(got32_grads[n], g) for n, g in ref32_grads.items())
+    flex, _ = run("flex", grad=False)
+    assert (flex - ref32).abs().max() < 1e-4
+    # the real probe on CPU: varlen (CUDA only) and flex (no CPU backward) are refused, training stays correct
+    monkeypatch.setattr(runtime, "_TRAIN_ATTN_OK", {})
+    with pytest.warns(UserWarning, match="THINKFAST_TRAIN_ATTN=varlen unusable"):
+        fallback, _ = run("varlen")
+    assert torch.equal(fallback, ref32)
+    monkeypatch.setattr(runtime, "TRAIN_ATTN", "bogus")
+    with pytest.raises(ValueError, match="THINKFAST_TRAIN_ATTN"):
+        runtime.train_attn_mode()
+
+
 # --------------------------------------------------------------------------------------------------
 # runtime API, both architectures
 

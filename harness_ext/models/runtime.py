@@ -147,7 +147,10 @@ class ForwardContext:
     cache: HybridCache | None = None
     decode_state: DecodeState | None = None
     doc_lens: list[int] | None = None              # prefill: prompt lengths packed in the single row
-    cu_seqlens: torch.Tensor | None = None         # prefill: [n_docs + 1]
+    cu_seqlens: torch.Tensor | None = None         # prefill: [n_docs + 1]; training varlen: over the B * L tokens
+    train_attn: str | None = None                  # "varlen" | "flex": packed-document attention (see TRAIN_ATTN)
+    max_doc_len: int | None = None                 # training varlen: upper bound of a document's length
+    block_mask: object = None                      # training flex: the document-causal BlockMask
     output_attentions: bool = False
     attentions: list = field(default_factory=list)
     prefill_states: dict = field(default_factory=dict)   # prefill: layer_idx -> per-document states
@@ -156,7 +159,7 @@ class ForwardContext:
 # --------------------------------------------------------------------------------------------------
 # attention
 
-_VARLEN = {"checked": False, "fn": None, "kwargs": None, "gqa": False}
+_VARLEN = {"checked": False, "fn": None, "kwargs": None, "gqa": False, "scale": False}
 
 
 def _varlen_attn():
@@ -180,8 +183,27 @@ def _varlen_attn():
         except (ImportError, TypeError, ValueError) as err:
             import warnings
 
-            warnings.warn(f"prefill attention: no usable torch varlen_attn ({err}); looping over prompts instead")
+            warnings.warn(f"varlen attention: no usable torch varlen_attn ({err}); using the SDPA paths instead")
     return _VARLEN["fn"]
+
+
+def _varlen_call(q, k, v, cu_seqlens, max_seqlen: int, scale: float):
+    """Block-diagonal causal flash attention: q [T, hq, d], k/v [T, hkv, d] (T packed tokens, documents given by
+    `cu_seqlens` [n_docs + 1] int32) -> [T, hq, d]. `max_seqlen` may be an upper bound (extra tiles exit at once).
+    Returns None when this torch cannot express the call (a non-default scale on a version without `scale`)."""
+    kwargs = dict(_VARLEN["kwargs"])
+    n_q, n_kv = q.shape[1], k.shape[1]
+    if n_q != n_kv:
+        if _VARLEN["gqa"]:
+            kwargs["enable_gqa"] = True
+        else:
+            k, v = (t.repeat_interleave(n_q // n_kv, dim=1) for t in (k, v))
+    if _VARLEN["scale"]:
+        kwargs["scale"] = scale
+    elif abs(scale - q.shape[-1] ** -0.5) > 1e-12:
+        return None
+    return _VARLEN["fn"](q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, cu_seqlens, max_seqlen,
+                         max_seqlen, **kwargs)
 
 
 def varlen_causal_attention(q, k, v, ctx: ForwardContext, scale: float):
@@ -191,29 +213,161 @@ def varlen_causal_attention(q, k, v, ctx: ForwardContext, scale: float):
     if (not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or len(ctx.doc_lens) == 1
             or os.environ.get("THINKFAST_PREFILL_ATTN", "varlen") != "varlen" or _varlen_attn() is None):
         return None
-    n_q, n_kv = q.shape[1], k.shape[1]
     qt, kt, vt = (t[0].transpose(0, 1) for t in (q, k, v))              # [T, heads, d]
-    kwargs = dict(_VARLEN["kwargs"])
-    if n_q != n_kv:
-        if _VARLEN["gqa"]:
-            kwargs["enable_gqa"] = True
-        else:
-            kt, vt = (t.repeat_interleave(n_q // n_kv, dim=1) for t in (kt, vt))
-    if _VARLEN["scale"]:
-        kwargs["scale"] = scale
-    elif abs(scale - q.shape[-1] ** -0.5) > 1e-12:
-        return None
     cu = ctx.cu_seqlens.to(torch.int32)
     longest = max(ctx.doc_lens)
     try:
-        out = _VARLEN["fn"](qt, kt.contiguous(), vt.contiguous(), cu, cu, longest, longest, **kwargs)
+        out = _varlen_call(qt, kt, vt, cu, longest, scale)
     except (RuntimeError, TypeError, ValueError) as err:
         import warnings
 
         warnings.warn(f"prefill attention: varlen_attn failed ({str(err)[:200]}); looping over prompts from now on")
         _VARLEN["fn"] = None
         return None
-    return out.transpose(0, 1).unsqueeze(0)
+    return None if out is None else out.transpose(0, 1).unsqueeze(0)
+
+
+# --------------------------------------------------------------------------------------------------
+# training attention over packed documents (HF forward with seq_idx)
+#
+#   THINKFAST_TRAIN_ATTN=sdpa    (default) SDPA with a dense block-diagonal causal mask [B, 1, L, L]: the reference,
+#                                and the CPU path. The mask rules out flash, so SDPA does the full L^2 work.
+#   THINKFAST_TRAIN_ATTN=varlen  one torch varlen_attn (flash) call over all documents of all rows, with autograd;
+#                                CUDA and fp16/bf16 (under autocast: the autocast dtype) only, else sdpa.
+#   THINKFAST_TRAIN_ATTN=flex    FlexAttention with a document-causal block mask (compiled; eager on CPU).
+# The default stays sdpa until the lead has validated varlen/flex on the GPU (scripts/gpu_check_kernels.py --only
+# train-attn); `TRAIN_ATTN` overrides the environment in-process.
+
+TRAIN_ATTN: str | None = None
+_TRAIN_ATTN_OK: dict = {}          # (mode, device) -> usable (probed once)
+
+
+def train_attn_mode() -> str:
+    mode = (TRAIN_ATTN if TRAIN_ATTN is not None else os.environ.get("THINKFAST_TRAIN_ATTN", "sdpa")).strip().lower()
+    if mode not in ("sdpa", "varlen", "flex"):
+        raise ValueError(f"THINKFAST_TRAIN_ATTN must be sdpa, varlen or flex, got {mode!r}")
+    return mode
+
+
+def packed_cu_seqlens(seq_idx: torch.Tensor) -> torch.Tensor:
+    """Document boundaries of packed rows seq_idx [B, L] in the flattened [B * L] token order -> [n_docs + 1] int32
+    (a row start always starts a document). One host sync (nonzero)."""
+    batch, seqlen = seq_idx.shape
+    starts = torch.ones(batch, seqlen, dtype=torch.bool, device=seq_idx.device)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    first = torch.nonzero(starts.flatten()).flatten()
+    return torch.cat([first, first.new_full((1,), batch * seqlen)]).to(torch.int32)
+
+
+def doc_causal_mask(seq_idx: torch.Tensor) -> torch.Tensor:
+    """bool [B, 1, L, L]: query i sees key j <= i of its own document."""
+    seqlen = seq_idx.shape[1]
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=seq_idx.device).tril()
+    return (causal & (seq_idx.unsqueeze(-1) == seq_idx.unsqueeze(1))).unsqueeze(1)
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype SDPA would run in: the autocast dtype when autocast is on for t's device, else t's dtype."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype
+
+
+def _flex_api():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    return flex_attention, create_block_mask
+
+
+_FLEX_COMPILED = {}
+
+
+def _flex_attention(q, k, v, block_mask, scale, enable_gqa):
+    flex_attention, _ = _flex_api()
+    if q.is_cuda and not torch.compiler.is_compiling():
+        # eager flex_attention materialises the scores; compiled it is a fused kernel (inside a compiled region
+        # dynamo compiles it with the region, so use the plain function there)
+        if "fn" not in _FLEX_COMPILED:
+            _FLEX_COMPILED["fn"] = torch.compile(flex_attention, dynamic=False)
+        flex_attention = _FLEX_COMPILED["fn"]
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+
+
+def doc_block_mask(seq_idx: torch.Tensor):
+    """FlexAttention block mask of `doc_causal_mask` (fully masked tiles skipped)."""
+    _, create_block_mask = _flex_api()
+    batch, seqlen = seq_idx.shape
+    docs = seq_idx.to(torch.int32)
+
+    def document_causal(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (docs[b, q_idx] == docs[b, kv_idx])
+
+    return create_block_mask(document_causal, batch, None, seqlen, seqlen, device=seq_idx.device)
+
+
+def _probe_train_attn(mode: str, device: torch.device) -> bool:
+    """Run the packed path once on a tiny GQA problem (forward + backward) against the dense-mask reference: an
+    old torch (varlen_attn's backward broke in some versions) or a missing kernel falls back with a warning
+    instead of failing mid-training."""
+    key = (mode, str(device))
+    if key in _TRAIN_ATTN_OK:
+        return _TRAIN_ATTN_OK[key]
+    if torch.compiler.is_compiling():
+        return False           # probing needs eager autograd; a whole-model compile keeps the reference path
+    ok, why = False, ""
+    try:
+        if mode == "varlen" and (device.type != "cuda" or _varlen_attn() is None):
+            raise RuntimeError("varlen_attn needs CUDA and torch >= 2.10")
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            ok, why = _probe_once(mode, device)
+    except Exception as err:  # noqa: BLE001 - any failure means: use the reference path
+        why = f"{type(err).__name__}: {str(err)[:300]}"
+    if not ok:
+        import warnings
+
+        warnings.warn(f"training attention: THINKFAST_TRAIN_ATTN={mode} unusable on {device} ({why}); "
+                      "using SDPA with a dense document mask")
+    _TRAIN_ATTN_OK[key] = ok
+    return ok
+
+
+def _probe_once(mode: str, device: torch.device) -> tuple[bool, str]:
+    gen = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    seq_idx = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 2, 2, 2, 2]], dtype=torch.int32, device=device)
+    leaves = [(torch.randn(2, n, 8, 64, generator=gen) / 2).to(device, dtype).requires_grad_()
+              for n in (6, 2, 2)]
+    scale = 64 ** -0.5
+    if mode == "varlen":
+        flat = [t.transpose(1, 2).reshape(16, t.shape[1], 64) for t in leaves]
+        out = _varlen_call(*flat, packed_cu_seqlens(seq_idx), 8, scale)
+        if out is None:
+            raise RuntimeError("this varlen_attn cannot take the attention scale")
+        out = out.view(2, 8, 6, 64).transpose(1, 2)
+    else:
+        out = _flex_attention(*leaves, doc_block_mask(seq_idx), scale, True)
+    grads = torch.autograd.grad(out.float().square().sum(), leaves)
+    ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
+    ref = F.scaled_dot_product_attention(ref_leaves[0], *(t.repeat_interleave(3, dim=1) for t in ref_leaves[1:]),
+                                         attn_mask=doc_causal_mask(seq_idx), scale=scale)
+    ref_grads = torch.autograd.grad(ref.square().sum(), ref_leaves)
+    errors = [float((a.float() - b).norm() / b.norm()) for a, b in zip((out, *grads), (ref, *ref_grads))]
+    ok = max(errors) < 5e-2
+    return ok, "" if ok else f"mismatch against the dense-mask reference (relative errors {errors})"
+
+
+def plan_packed_attention(ctx: ForwardContext, seq_idx: torch.Tensor) -> bool:
+    """Set up ctx for varlen/flex attention over the packed documents of seq_idx (True), or leave it to the
+    dense-mask SDPA reference (False: THINKFAST_TRAIN_ATTN=sdpa, CPU for varlen, or a failed probe)."""
+    mode = train_attn_mode()
+    if mode == "sdpa" or not _probe_train_attn(mode, seq_idx.device):
+        return False
+    ctx.train_attn = mode
+    if mode == "varlen":
+        ctx.cu_seqlens = packed_cu_seqlens(seq_idx)
+        ctx.max_doc_len = seq_idx.shape[1]      # an upper bound: static (no recompiles, no extra host sync)
+    else:
+        ctx.block_mask = doc_block_mask(seq_idx)
+    return True
 
 
 class LlamaAttention(nn.Module):
@@ -261,7 +415,9 @@ class LlamaAttention(nn.Module):
                     v = torch.cat([layer["v"], v], dim=2)
                 layer["k"], layer["v"] = k, v
             is_causal = ctx.attn_mask is None and seqlen > 1
-            if ctx.output_attentions:
+            if ctx.train_attn is not None:
+                out = self._packed_attention(q, k, v, ctx)
+            elif ctx.output_attentions:
                 groups = self.num_heads // self.num_kv_heads
                 scores = torch.matmul(q, repeat_kv(k, groups).transpose(2, 3)) * self.scaling
                 if ctx.attn_mask is not None:
@@ -274,6 +430,22 @@ class LlamaAttention(nn.Module):
             else:
                 out = self._attend(q, k, v, ctx.attn_mask, is_causal)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seqlen, -1))
+
+    def _packed_attention(self, q, k, v, ctx: ForwardContext):
+        """Training attention over packed documents (ctx.train_attn): q [B, hq, L, d], k/v [B, hkv, L, d] ->
+        [B, hq, L, d], in the dtype SDPA would use (autocast's). Falls back to the dense-mask SDPA reference where
+        the flash kernel cannot run (fp32)."""
+        batch, _, seqlen, head_dim = q.shape
+        dtype = _compute_dtype(q)
+        q, k, v = (t.to(dtype) for t in (q, k, v))
+        if ctx.train_attn == "flex":
+            return _flex_attention(q, k, v, ctx.block_mask, self.scaling, self.num_heads != self.num_kv_heads)
+        if dtype in (torch.float16, torch.bfloat16):
+            qt, kt, vt = (t.transpose(1, 2).reshape(batch * seqlen, t.shape[1], head_dim) for t in (q, k, v))
+            out = _varlen_call(qt, kt, vt, ctx.cu_seqlens, ctx.max_doc_len, self.scaling)
+            if out is not None:
+                return out.view(batch, seqlen, self.num_heads, head_dim).transpose(1, 2)
+        return self._attend(q, k, v, doc_causal_mask(ctx.seq_idx), False)
 
     def _prefill_attention_ref(self, q, k, v, ctx: ForwardContext):
         """Packed prompts, one SDPA per run of equal-length prompts (a dense block-diagonal mask over all packed
@@ -339,6 +511,9 @@ class SSMMixerBase(nn.Module):
         if ctx.cache is not None:
             layer = ctx.cache.layers[self.layer_idx]
             initial = layer.get("conv_state")
+        if ctx.mode == "prefill":      # one packed row, no cache, no padding: conv and per-prompt states together
+            return ssd.causal_conv1d_with_states(xBC, weight, self.conv1d.bias, seq_idx=ctx.seq_idx,
+                                                 cu_seqlens=ctx.cu_seqlens, activation=self.conv_activation)
         if ctx.pad_mask is not None:
             xBC = xBC * ctx.pad_mask.unsqueeze(-1).to(xBC.dtype)
         out = ssd.causal_conv1d(xBC, weight, self.conv1d.bias, seq_idx=ctx.seq_idx, initial_state=initial,
@@ -347,9 +522,7 @@ class SSMMixerBase(nn.Module):
             # Left padding must not feed the SSM: zero x/B/C at padded positions (the conv bias makes them nonzero).
             out = out * ctx.pad_mask.unsqueeze(-1).to(out.dtype)
         conv_state = None
-        if ctx.mode == "prefill":
-            conv_state = ssd.conv_state_from_inputs(xBC, self.d_conv, cu_seqlens=ctx.cu_seqlens)
-        elif layer is not None:
+        if layer is not None:
             history = xBC if initial is None else torch.cat([initial.transpose(1, 2).to(xBC.dtype), xBC], dim=1)
             conv_state = ssd.conv_state_from_inputs(history, self.d_conv)
         return out, conv_state
@@ -552,7 +725,9 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
                              output_attentions=bool(output_attentions))
         if self.model.rotary_emb is not None:
             ctx.cos, ctx.sin = self.model.rotary_emb(hidden, position_ids)
-            if seq_idx is not None or full_mask is not None or (past and seqlen > 1):
+            packed = (seq_idx is not None and full_mask is None and cache is None and not ctx.output_attentions
+                      and seqlen > 1 and plan_packed_attention(ctx, seq_idx))
+            if not packed and (seq_idx is not None or full_mask is not None or (past and seqlen > 1)):
                 q_pos = torch.arange(past, past + seqlen, device=device)
                 k_pos = torch.arange(past + seqlen, device=device)
                 allowed = (k_pos.view(1, -1) <= q_pos.view(-1, 1)).unsqueeze(0)       # [1, L, S]

@@ -9,6 +9,8 @@ Triton modules are loaded without running that `__init__` (see `_load_mamba_trit
     THINKFAST_KERNELS=triton   mamba-ssm Triton kernels (error if they are missing or the tensors are not on CUDA)
     THINKFAST_KERNELS=auto     (default) Triton on CUDA when importable, else the reference
 
+The depthwise conv has its own switch, THINKFAST_CONV=ref|triton (default ref; see `conv_kernels`).
+
 Shapes follow mamba-ssm: x [b, l, h, p], dt [b, l, h], A [h], B/C [b, l, g, n] with h % g == 0
 (head i reads group i // (h // g)), D [h] or [h, p], z [b, l, h, p], seq_idx [b, l] int32,
 states [b, h, p, n]. The recurrence per head, with dt' = softplus(dt + dt_bias) when dt_softplus:
@@ -360,7 +362,27 @@ def causal_conv1d_step_ref(conv_state, x, weight, bias=None, activation=None):
     return out.to(x.dtype)
 
 
-causal_conv1d = causal_conv1d_ref          # small depthwise conv: PyTorch is fine on GPU too (no extra package)
+def causal_conv1d(x, weight, bias=None, seq_idx=None, initial_state=None, activation=None):
+    """`causal_conv1d_ref`'s contract. With THINKFAST_CONV=triton on CUDA: `conv_kernels.causal_conv1d` (one pass,
+    autograd); the reference otherwise, and always for a cache continuation (`initial_state`, HF generate)."""
+    from . import conv_kernels
+
+    if initial_state is None and conv_kernels.use_triton_conv(x):
+        return conv_kernels.causal_conv1d(x, weight, bias, seq_idx=seq_idx, activation=activation)
+    return causal_conv1d_ref(x, weight, bias, seq_idx=seq_idx, initial_state=initial_state, activation=activation)
+
+
+def causal_conv1d_with_states(x, weight, bias=None, seq_idx=None, cu_seqlens=None, activation=None):
+    """Prefill over prompts packed in one row x [1, l, c]: (conv output, each prompt's conv state [n, c, K])."""
+    from . import conv_kernels
+
+    if conv_kernels.use_triton_conv(x):
+        return conv_kernels.causal_conv1d_with_states(x, weight, bias, seq_idx=seq_idx, cu_seqlens=cu_seqlens,
+                                                      activation=activation)
+    out = causal_conv1d_ref(x, weight, bias, seq_idx=seq_idx, activation=activation)
+    return out, conv_state_from_inputs(x, weight.shape[-1], cu_seqlens=cu_seqlens)
+
+
 causal_conv1d_step = causal_conv1d_step_ref
 
 
