@@ -1,5 +1,6 @@
 """Decode-step A/B on one GPU: the old attention path (masked SDPA over the whole cache) vs flash-decoding, per
-model at one batch size, SmolLM2-135M width, random weights; plus the pieces around it (sampling, prefill, forks).
+model at one batch size, SmolLM2-135M width, random weights; conv + SSM as one kernel vs two; fp32 vs bf16 logits;
+the old inverse-CDF sampler vs the fused Gumbel-max one; plus prefill and forks.
 
     # H100, the lead's run (< 3 min): all three models at batch 256, correctness checks first
     python scripts/profile_decode.py --out runs/profile_decode --batch 256 --check
@@ -12,12 +13,20 @@ Per model (teacher = all 30 layers attention, mil50 = every other layer attentio
   * ms per `decode_step` (CUDA graph replay, slots at `--context` of a `--max-seqlen` cache: the bench's mean
     context 768 of 1024) for the old path (THINKFAST_DECODE_ATTN=sdpa) and the new one, and each one's fraction
     of the bench's bandwidth floor (weights + per slot K/V up to the context, or SSM/conv state read + write);
-  * ms of `sample_next` on the step's logits (temperature 1, no top-k/top-p: the bench's sampler);
+  * Mamba models: ms per step with conv and SSM step as two kernels (THINKFAST_DECODE_CONV=separate) vs one
+    (`fused`, the default); and the step returning bf16 logits (`float_logits=False`, what the engine asks for);
+  * sampling on the step's logits at temperature 1 (the bench's sampler), each inside a CUDA graph as in the
+    engine: the former inverse-CDF sampler on fp32 logits (`old_sampler`), the PyTorch Gumbel twin
+    (THINKFAST_SAMPLER=torch), the fused Triton kernel on fp32 and on bf16 logits, torch vs fused greedy argmax,
+    and the fused kernel behind a top-k=50 / top-p=0.9 threshold pre-pass;
   * ms of one prefill of `--prefill-prompts` prompts of GSM8K-like lengths (varlen attention vs the per-prompt
     loop), and of forking one slot into all others (`copy_slots`, what a refill does for n samples);
   * with --kernels: kernel launches per step and the top kernels (torch.profiler, new path, graphs off).
 --check first compares on the device, in bf16: flash-decoding vs the reference at mixed lengths (incl. 1 and the
-cache end), whole decode steps old vs new, and varlen vs looped prefill; failures are printed (and in the JSON).
+cache end), whole decode steps old vs new, conv + SSM fused vs separate (kernel alone vs the reference, and whole
+steps), the fused sampler vs its PyTorch twin (same tokens but for near-ties: GPU log is approximate; greedy
+exact; top-k/top-p draws inside the allowed set; empirical frequencies vs softmax), and varlen vs looped prefill;
+failures are printed (and in the JSON).
 --sweep-ssm times the fused SSM step alone for tile sizes and prints GB/s (state read + write).
 Writes profile_decode.json under --out.
 """
@@ -36,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness_ext.generation.bench import SMOLLM2_135M, _slot_bytes, _weight_bytes, measure_copy_bandwidth  # noqa: E402
-from harness_ext.generation.sampling import sample_next  # noqa: E402
+from harness_ext.generation import sampling  # noqa: E402
 from harness_ext.models import decode_kernels as dk  # noqa: E402
 from harness_ext.models.llamba import LlambaConfig, LlambaForCausalLM  # noqa: E402
 from harness_ext.models.mambainllama import MambaInLlamaConfig, MambaInLlamaForCausalLM  # noqa: E402
@@ -167,7 +176,108 @@ def check_model(model, batch, context, max_seqlen, device):
     return out
 
 
+def check_conv_ssm(batch, device, dtype):
+    """The fused conv + SSM kernel alone vs the reference at both students' layouts (bf16 inputs, fp32 state)."""
+    torch.manual_seed(4)
+    errs = {}
+    for name, (nheads, x_heads, b_groups, c_groups, discrete) in {"llamba": (9, 9, 9, 9, True),
+                                                                  "mil": (9, 3, 3, 9, False)}.items():
+        headdim = dstate = 64
+        conv_dim = (x_heads + b_groups + c_groups) * 64
+        wide = torch.randn(batch, conv_dim + 704, device=device, dtype=dtype)
+        xBC, dt, z = wide[:, :conv_dim], wide[:, conv_dim:conv_dim + nheads], wide[:, -576:]
+        conv_state = torch.randn(batch, conv_dim, 4, device=device, dtype=dtype)
+        ssm_state = torch.randn(batch, nheads, headdim, dstate, device=device)
+        w, bias = torch.randn(conv_dim, 4, device=device, dtype=dtype), torch.randn(conv_dim, device=device, dtype=dtype)
+        A_log, D = torch.randn(nheads, device=device), torch.randn(nheads, device=device)
+        kw = dict(D=D, z=z if discrete else None, dt_bias=None if discrete else torch.randn(nheads, device=device),
+                  discrete=discrete)
+        c1, c2, s1, s2 = conv_state.clone(), conv_state.clone(), ssm_state.clone(), ssm_state.clone()
+        y1 = dk.conv_ssm_step(c1, xBC, w, bias, True, s1, x_heads, b_groups, dt, A_log, **kw)
+        y2 = dk.conv_ssm_step_ref(c2, xBC, w, bias, True, s2, x_heads, b_groups, dt, A_log, **kw)
+        errs[f"{name}_y"], errs[f"{name}_ssm_state"] = rel_err(y1, y2), rel_err(s1, s2)
+        errs[f"{name}_conv_state"] = rel_err(c1, c2)
+    return errs
+
+
+def check_sampler(device, dtype, vocab=49152):
+    """Fused Gumbel-max vs the PyTorch twin on the same logits (bf16 and fp32); greedy; top-k/top-p; frequencies."""
+    torch.manual_seed(5)
+    batch = 257                                      # odd: a partial last wave, several splits per row
+    logits = (torch.randn(batch, vocab, device=device) * 3).to(dtype)
+    keys = torch.arange(batch, device=device) * 7919 + 11
+    steps = torch.randint(0, 400, (batch,), device=device, dtype=torch.int32)
+    temp = torch.full((), 0.8, device=device)
+    out = {}
+    for name, x in (("bf16", logits), ("fp32", logits.float())):
+        fused = sampling.gumbel_argmax(x, keys, steps, temp)
+        with env("THINKFAST_SAMPLER", "torch"):
+            twin = sampling.gumbel_argmax(x, keys, steps, temp)
+        out[f"temperature_match_{name}"] = float((fused == twin).float().mean())
+        out[f"greedy_exact_{name}"] = float(torch.equal(sampling.greedy_next(x), x.argmax(-1)))
+    thr = sampling.filter_threshold(logits, temp, 50, torch.full((), 0.9, device=device))
+    drawn = sampling.sample_next(logits, keys, steps, temp, 50, torch.full((), 0.9, device=device))
+    out["top_k_p_inside_allowed_set"] = float((logits.float().gather(1, drawn[:, None])[:, 0] >= thr).float().mean())
+    # one row, many keys: 64 live tokens, the rest far below; empirical frequencies vs the softmax (the fused
+    # kernel reads the expanded row in place; the CPU smoke run's PyTorch twin would materialise it: fewer draws)
+    draws_n = 65536 if device.type == "cuda" else 2048
+    vocab_f = vocab if device.type == "cuda" else 1024
+    row = torch.full((vocab_f,), -40.0, device=device)
+    live = torch.randperm(vocab_f, device=device)[:64]
+    row[live] = torch.randn(64, device=device)
+    rows = row.to(dtype).expand(draws_n, vocab_f)
+    draws = sampling.sample_next(rows, torch.arange(draws_n, device=device),
+                                 torch.zeros(draws_n, dtype=torch.int32, device=device), 1.0)
+    freq = torch.bincount(draws, minlength=vocab_f).double() / draws_n
+    probs = torch.softmax(row.to(dtype).double(), 0)
+    out["frequency_tv_distance"] = float(0.5 * (freq - probs).abs().sum())
+    # sampling noise alone gives TV ~ 0.4 * sum(sqrt(p)) / sqrt(n) <= 3.2 / sqrt(n) for 64 live tokens
+    out["frequency_tv_limit"] = 8.0 / draws_n ** 0.5
+    return out
+
+
+def sampler_check_failures(errs) -> dict:
+    bad = {k: v for k, v in errs.items() if k.startswith("temperature_match") and not v >= 0.99}
+    bad.update({k: v for k, v in errs.items() if k.startswith(("greedy_exact", "top_k_p")) and v != 1.0})
+    if not errs["frequency_tv_distance"] < errs["frequency_tv_limit"]:
+        bad["frequency_tv_distance"] = errs["frequency_tv_distance"]
+    return bad
+
+
+def check_conv_steps(model, max_seqlen, device):
+    """Whole decode steps with conv + SSM fused vs separate on the same prefilled state (Mamba models)."""
+    gen = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(3, 49152, (min(n, max_seqlen - 8),), generator=gen).to(device) for n in (7, 40, 120, 3)]
+    slots = torch.arange(len(prompts), device=device)
+    fused, separate = (model.allocate_decode_state(len(prompts), max_seqlen) for _ in range(2))
+    model.prefill(prompts, fused, slots)
+    for a, b in zip(fused.tensors(), separate.tensors()):
+        b.copy_(a)
+    tokens, worst, worst_state = torch.tensor([5, 6, 7, 8], device=device), 0.0, 0.0
+    for _ in range(4):
+        with env("THINKFAST_DECODE_CONV", "fused"):
+            new = model.decode_step(tokens, fused)
+        with env("THINKFAST_DECODE_CONV", "separate"):
+            old = model.decode_step(tokens, separate)
+        worst = max(worst, rel_err(new, old))
+        worst_state = max([worst_state] + [rel_err(a, b) for a, b in zip(fused.tensors(), separate.tensors())
+                                           if a.is_floating_point()])
+        tokens = old.argmax(-1)
+    return {"decode_conv_fused_vs_separate_logits": worst, "decode_conv_fused_vs_separate_state": worst_state}
+
+
 # ----- timing ----------------------------------------------------------------------------------
+
+
+def sample_next_inverse_cdf_old(logits, keys, steps, temperature):
+    """The sampler before the fused kernel (inverse CDF, one uniform per row; no top-k/top-p): timing baseline."""
+    x = logits.float() / temperature
+    probs = torch.softmax(x, dim=-1)
+    cdf = probs.cumsum(-1)
+    h = sampling.hash32(sampling.hash32(keys + steps.long() * 0x9E3779B9) ^ 0x5BD1E995)
+    u = (h >> 8).to(torch.float32) * (1.0 / (1 << 24)) * cdf[:, -1]
+    return torch.searchsorted(cdf, u.unsqueeze(1).contiguous(), right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(1)
+
 
 def time_decode(model, batch, context, max_seqlen, device):
     state = model.allocate_decode_state(batch, max_seqlen)
@@ -181,11 +291,26 @@ def time_decode(model, batch, context, max_seqlen, device):
         for path in ("sdpa", "flash"):
             with env("THINKFAST_DECODE_ATTN", path):
                 res[path] = time_fn(lambda: model.decode_step(tokens, state), device, reset)
-        logits = model.decode_step(tokens, state)
+        if model.mamba_layers:
+            with env("THINKFAST_DECODE_CONV", "separate"):
+                res["conv_separate"] = time_fn(lambda: model.decode_step(tokens, state), device, reset)
+            res["conv_fused"] = res["flash"]          # the default path timed above
+        res["bf16_logits"] = time_fn(lambda: model.decode_step(tokens, state, float_logits=False), device, reset)
+        logits = model.decode_step(tokens, state, float_logits=False)
+        logits32 = logits.float()
         keys = torch.arange(batch, device=device)
         steps = torch.zeros(batch, dtype=torch.int32, device=device)
         temperature = torch.ones((), device=device)
-        res["sample_next"] = time_fn(lambda: sample_next(logits, keys, steps, temperature, 0, None), device)
+        res["old_sampler"] = time_fn(lambda: sample_next_inverse_cdf_old(logits32, keys, steps, temperature), device)
+        with env("THINKFAST_SAMPLER", "torch"):
+            res["gumbel_torch"] = time_fn(lambda: sampling.sample_next(logits32, keys, steps, temperature), device)
+            res["argmax_torch"] = time_fn(lambda: sampling.greedy_next(logits), device)
+        res["gumbel_fused_fp32"] = time_fn(lambda: sampling.sample_next(logits32, keys, steps, temperature), device)
+        res["gumbel_fused_bf16"] = time_fn(lambda: sampling.sample_next(logits, keys, steps, temperature), device)
+        res["argmax_fused"] = time_fn(lambda: sampling.greedy_next(logits), device)
+        top_p = torch.full((), 0.9, device=device)
+        res["gumbel_fused_topk50_topp09"] = time_fn(
+            lambda: sampling.sample_next(logits, keys, steps, temperature, 50, top_p), device)
     del state
     return res
 
@@ -262,6 +387,9 @@ def sweep_ssm(batch, device, dtype):
 # ----- main ------------------------------------------------------------------------------------
 
 def main(argv=None):
+    # this script checks and times the opt-in fused paths against the defaults: "new" means fused here
+    os.environ.setdefault("THINKFAST_SAMPLER", "fused")
+    os.environ.setdefault("THINKFAST_DECODE_CONV", "fused")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -293,6 +421,18 @@ def main(argv=None):
           f"{args.context}/{args.max_seqlen}, {args.layers} layers")
     failures = []
     if args.check:
+        for label, fn, judge in (("sampler", lambda: check_sampler(device, dtype), sampler_check_failures),
+                                 ("conv+ssm kernel", lambda: check_conv_ssm(args.batch, device, dtype),
+                                  lambda e: {k: v for k, v in e.items() if not v < 2e-2})):
+            try:
+                errs = fn()
+                bad = judge(errs)
+            except Exception as err:  # a failing check must not cost the timing run
+                errs, bad = {"error": repr(err)}, {"error": repr(err)}
+            report[f"check_{label.split()[0].replace('+', '_')}"] = errs
+            print(f"check {label}: {errs}" + ("  FAIL" if bad else "  ok"))
+            if bad:
+                failures.append(f"{label} {bad}")
         errs = check_attention(device, dtype, min(args.max_seqlen, 300))
         report["check_attention_rel_err"] = errs
         bad = {k: v for k, v in errs.items() if not v < 2e-2}
@@ -306,6 +446,8 @@ def main(argv=None):
         if args.check:
             try:
                 entry["check"] = check_model(model, args.batch, args.context, args.max_seqlen, device)
+                if model.mamba_layers:
+                    entry["check"].update(check_conv_steps(model, args.max_seqlen, device))
                 bad = {k: v for k, v in entry["check"].items() if not v < 5e-2}
                 print(f"  {name} check: {entry['check']}" + ("  FAIL" if bad else "  ok"))
                 if bad:
@@ -339,17 +481,25 @@ def main(argv=None):
         report["ssm_sweep"] = sweep_ssm(args.batch, device, dtype)
 
     print(f"\nbatch {args.batch}: ms per decode step (CUDA graph), % of bandwidth floor, and the pieces around it")
-    print(f"{'model':>8} {'floor':>7} {'old sdpa':>14} {'new flash':>14} {'speedup':>7} {'sample':>7} "
-          f"{'prefill loop':>12} {'varlen':>7} {'fork':>7}")
+    print(f"{'model':>8} {'floor':>7} {'old sdpa':>14} {'new flash':>14} {'speedup':>7} {'conv sep':>8} "
+          f"{'bf16 lgt':>8} {'prefill loop':>12} {'varlen':>7} {'fork':>7}")
+    nan = float("nan")
     for name, e in report["models"].items():
         if "sdpa" not in e:
             print(f"{name:>8}  {e.get('decode', 'n/a')}")
             continue
         f = e["floor_ms"]
         print(f"{name:>8} {f:7.3f} {e['sdpa']:7.3f} ({100 * f / e['sdpa']:3.0f}%) {e['flash']:7.3f} "
-              f"({100 * f / e['flash']:3.0f}%) {e['sdpa'] / e['flash']:6.2f}x {e['sample_next']:7.3f} "
-              f"{e.get('prefill_loop_ms', float('nan')):12.1f} {e.get('prefill_varlen_ms', float('nan')):7.1f} "
-              f"{e.get('fork_ms', float('nan')):7.1f}")
+              f"({100 * f / e['flash']:3.0f}%) {e['sdpa'] / e['flash']:6.2f}x {e.get('conv_separate', nan):8.3f} "
+              f"{e['bf16_logits']:8.3f} {e.get('prefill_loop_ms', nan):12.1f} {e.get('prefill_varlen_ms', nan):7.1f} "
+              f"{e.get('fork_ms', nan):7.1f}")
+    print(f"\nsampling at batch {args.batch}, ms inside a CUDA graph (old = inverse CDF on fp32 logits):")
+    columns = ("old_sampler", "gumbel_torch", "gumbel_fused_fp32", "gumbel_fused_bf16", "argmax_torch", "argmax_fused",
+               "gumbel_fused_topk50_topp09")
+    print(f"{'model':>8} " + " ".join(f"{c:>14.14}" for c in columns))
+    for name, e in report["models"].items():
+        if "old_sampler" in e:
+            print(f"{name:>8} " + " ".join(f"{e[c]:14.3f}" for c in columns))
     if args.kernels:
         for name, e in report["models"].items():
             print(f"\n{name}: {e['kernels_per_step']:.0f} kernels per step ({e['kernels_per_step'] / args.layers:.1f} "
@@ -360,6 +510,10 @@ def main(argv=None):
         print(f"\nSSM step alone at batch {args.batch} (Llamba shape, fp32 state read + write):")
         for r in report["ssm_sweep"]:
             print(f"  block_p {r['block_p']:3d} warps {r['num_warps']}: {r['ms']:.3f} ms  {r['GBps']:6.0f} GB/s")
+    # a fused path that failed to compile falls back silently to keep runs alive: here it must show
+    for label, broken in (("fused sampler", sampling._FUSED_BROKEN), ("fused conv+ssm", dk._CONV_SSM_BROKEN)):
+        if broken:
+            failures.append(f"{label} fell back to PyTorch / two kernels: {broken[0][:300]}")
     report["failures"] = failures
     report["total_s"] = time.perf_counter() - t_start
     out = Path(args.out)

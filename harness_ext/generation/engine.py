@@ -26,7 +26,8 @@ How it runs (see DESIGN.md "Model runtime API" for the model side):
   and a call that runs also prefills prompts ahead into every free template slot (n > 1).
   Scheduling never changes a sample: its noise depends on (seed, prompt, sample index) only.
 * Sampling (temperature, top-k, top-p) runs on the device from counter-based hashed noise
-  (`sampling.py`): sample j of prompt i draws the same tokens for a given seed whatever the batch.
+  (`sampling.py`: Gumbel-max, one fused pass over the bf16 logits for plain temperature and greedy):
+  sample j of prompt i draws the same tokens for a given seed whatever the batch.
 
 Outputs (`Completion`):
   token_ids    generated tokens. A stop *token* (eos or `stop_token_ids`) is the last token and is
@@ -48,7 +49,7 @@ from typing import Any, Sequence
 
 import torch
 
-from harness_ext.generation.sampling import sample_key, sample_next
+from harness_ext.generation.sampling import greedy_next, sample_key, sample_next
 
 _MAX_STOP_IDS = 16  # the graph's stop-id table is this wide (padded with -1)
 
@@ -100,6 +101,15 @@ def batch_buckets(max_batch_size: int) -> list[int]:
         buckets.append(b)
         b *= 2
     return buckets + [max_batch_size]
+
+
+def _accepts(fn, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -252,6 +262,8 @@ class Engine:
             self.max_len, self.max_len_source = 4096, "the engine's default max_seqlen"
         self.vocab_size = int(getattr(config, "vocab_size", 0) or model.get_output_embeddings().weight.shape[0])
         self.eos_token_ids = self._eos_ids()
+        # the samplers read bf16 logits as they are: skip decode_step's fp32 copy where the model offers that
+        self._decode_kwargs = {"float_logits": False} if _accepts(model.decode_step, "float_logits") else {}
         self._state = None
         self._state_key = None  # (decode slots, max_seqlen, out width, template slots)
         self._views: dict[int, Any] = {}
@@ -368,9 +380,9 @@ class Engine:
         buf, view = self._buf, self._views[b]
         done = buf.done[:b]
         view.seqlens.masked_fill_(done, 0)  # idle slots restart at position 0 so they never run off the cache
-        logits = self.model.decode_step(buf.tokens[:b], view)
+        logits = self.model.decode_step(buf.tokens[:b], view, **self._decode_kwargs)
         if greedy:
-            nxt = logits.argmax(-1)
+            nxt = greedy_next(logits)
         else:
             nxt = sample_next(logits, buf.keys[:b], buf.gen_count[:b], buf.temperature, top_k,
                               buf.top_p if use_top_p else None)
@@ -443,7 +455,8 @@ class Engine:
         prompt_ids = self._validate(prompts, params, n)
         t_start = time.perf_counter()
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "host_s": 0.0,
-                      "prefill_calls": 0, "prefilled_prompts": 0}
+                      "prefill_calls": 0, "prefilled_prompts": 0, "prefill_tokens": 0,
+                      "fork_s": 0.0, "fork_calls": 0, "forked_slots": 0}
         num_samples = len(prompt_ids) * n
         key = self.prepare(num_samples, max(len(p) for p in prompt_ids), params)
         slots, seqlen, _, templates = self._state_key
@@ -548,7 +561,8 @@ class Engine:
                 sched.queue.popleft()
                 sched.free_templates.append(entry.slot)
         if fork_src:
-            self._state.copy_slots(torch.tensor(fork_src, device=dev), torch.tensor(fork_dst, device=dev))
+            # before any prefill below: a template slot freed here may receive a new prompt in this same call
+            self._fork(fork_src, fork_dst)
             fork_src, fork_dst = [], []
         # 2. new prompts, only when a (costly, un-graphed) prefill call serves enough samples: `refill_min`
         # free slots, or the last pending samples all fit, or nothing else would decode
@@ -599,6 +613,7 @@ class Engine:
                 self.stats["prefill_s"] += time.perf_counter() - t0
                 self.stats["prefill_calls"] += 1
                 self.stats["prefilled_prompts"] += len(chunk)
+                self.stats["prefill_tokens"] += sum(len(prompt_ids[i]) for i, _ in chunk)
                 for r, (i, _) in enumerate(chunk):
                     sources.append(logits[r])
                     prompt_source[i] = len(sources) - 1
@@ -608,11 +623,7 @@ class Engine:
             assigned = [(slot, i, j, src if src is not None else prompt_source[i])
                         for slot, i, j, src in assigned]
             if fork_src:
-                t0 = time.perf_counter()
-                self._state.copy_slots(torch.tensor(fork_src, device=dev), torch.tensor(fork_dst, device=dev))
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                self.stats["prefill_s"] += time.perf_counter() - t0
+                self._fork(fork_src, fork_dst)
         if not assigned:
             return
         slots_t = torch.tensor([a[0] for a in assigned], device=dev)
@@ -621,7 +632,7 @@ class Engine:
         budgets = torch.tensor([min(params.max_new_tokens, seqlen - len(prompt_ids[i])) for _, i, _, _ in assigned],
                                dtype=torch.int32, device=dev)
         if greedy:
-            first = logits.argmax(-1)
+            first = greedy_next(logits)
         else:
             first = sample_next(logits, keys, torch.zeros_like(keys), buf.temperature, key[1],
                                 buf.top_p if key[2] else None)
@@ -637,6 +648,17 @@ class Engine:
             checked[slot] = 0
             slot_count[slot] = 1
             slot_budget[slot] = budget
+
+    def _fork(self, src: list[int], dst: list[int]):
+        """Copy the states of slots `src` into slots `dst`: one batched `copy_slots` for every fork of a refill
+        step (an index_select + index_copy per state tensor, whatever the number of slots)."""
+        t0 = time.perf_counter()
+        self._state.copy_slots(torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.stats["fork_s"] += time.perf_counter() - t0
+        self.stats["fork_calls"] += 1
+        self.stats["forked_slots"] += len(dst)
 
     def _chunks(self, to_prefill, prompt_ids):
         chunk, tokens = [], 0

@@ -214,6 +214,211 @@ def ssm_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, z_bias=Non
 
 
 # --------------------------------------------------------------------------------------------------
+# conv + SSM step in one launch (one kernel less per Mamba layer, and the conv output never leaves L2)
+#
+# A program owns one row and `heads_per_prog` consecutive heads, chosen so that every x head, B group and C group
+# those heads read belongs to this program alone: heads_per_prog = the largest of the x / B / C repeat factors
+# (Llamba: B/C groups; MambaInLlama: x/B at KV width), and each factor must divide it. The program first runs
+# the conv for exactly those channels (conv state shifted in place, output rounded to the input dtype into a
+# scratch row, as `conv_step` does), then, after a barrier (other threads of the program wrote that scratch), the
+# SSM recurrence of its heads over whole [headdim, dstate] tiles. No other program reads those conv channels, so
+# the in-place shift cannot race with a reader of the old window.
+
+
+def conv_ssm_step_ref(conv_state, xBC, conv_weight, conv_bias, conv_silu, ssm_state, x_heads, b_groups, dt, A_log,
+                      D=None, z=None, dt_bias=None, z_bias=None, dt_softplus=True, discrete=False):
+    """`conv_step` on xBC [b, conv_dim] (channels x, B, C), then `ssm_step` with x at `x_heads` heads of headdim,
+    B at `b_groups` groups and C at the remaining (conv_dim - x - B) / d_state groups. Returns y [b, h, p]."""
+    return _conv_then_ssm(conv_step_ref, ssm_step_ref, conv_state, xBC, conv_weight, conv_bias, conv_silu,
+                          ssm_state, x_heads, b_groups, dt, A_log, D, z, dt_bias, z_bias, dt_softplus, discrete)
+
+
+def _xbc_split(xBC, ssm_state, x_heads, b_groups):
+    _, nheads, headdim, dstate = ssm_state.shape
+    d_x, d_b = x_heads * headdim, b_groups * dstate
+    d_c = xBC.shape[-1] - d_x - d_b
+    c_groups = d_c // dstate if d_c > 0 else 0
+    if c_groups * dstate != d_c or not c_groups or any(nheads % g for g in (x_heads, b_groups, c_groups)):
+        raise ValueError(f"conv_ssm_step: {xBC.shape[-1]} conv channels do not split into x ({x_heads} x {headdim}), "
+                         f"B ({b_groups} x {dstate}) and C (groups of {dstate} dividing {nheads} heads)")
+    return d_x, d_b, d_c, c_groups
+
+
+def _conv_then_ssm(conv_fn, ssm_fn, conv_state, xBC, conv_weight, conv_bias, conv_silu, ssm_state, x_heads, b_groups,
+                   dt, A_log, D, z, dt_bias, z_bias, dt_softplus, discrete):
+    batch, _, headdim, dstate = ssm_state.shape
+    d_x, d_b, d_c, c_groups = _xbc_split(xBC, ssm_state, x_heads, b_groups)
+    x, B, C = conv_fn(conv_state, xBC, conv_weight, conv_bias, conv_silu).split([d_x, d_b, d_c], dim=-1)
+    return ssm_fn(ssm_state, x.view(batch, x_heads, headdim), dt, A_log, B.view(batch, b_groups, dstate),
+                  C.view(batch, c_groups, dstate), D, z, dt_bias, z_bias, dt_softplus, discrete)
+
+
+if triton is not None:
+    @triton.jit
+    def _conv_channels(state_ptr, xin_ptr, w_ptr, bias_ptr, cout_ptr, row, c_lo, count,
+                       stride_state_b, stride_state_c, stride_state_k, stride_xin_b, stride_cout_b,
+                       WIDTH: tl.constexpr, WIDTH_P2: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+        """`_conv_step_kernel`'s body for channels [c_lo, c_lo + count) of one row."""
+        k = tl.arange(0, WIDTH_P2)
+        for c0 in range(0, count, BLOCK_C):
+            local = c0 + tl.arange(0, BLOCK_C)
+            c = c_lo + local
+            c_ok = local < count
+            state_ptrs = state_ptr + row * stride_state_b + c[:, None] * stride_state_c
+            # every load happens before the (overlapping) store of the shifted window
+            shifted = tl.load(state_ptrs + (k[None, :] + 1) * stride_state_k,
+                              mask=c_ok[:, None] & (k[None, :] + 1 < WIDTH), other=0.0)
+            x = tl.load(xin_ptr + row * stride_xin_b + c, mask=c_ok, other=0.0)
+            window = tl.where(k[None, :] == WIDTH - 1, x.to(shifted.dtype)[:, None], shifted)
+            w = tl.load(w_ptr + c[:, None] * WIDTH + k[None, :], mask=c_ok[:, None] & (k[None, :] < WIDTH), other=0.0)
+            acc = tl.sum(window.to(tl.float32) * w.to(tl.float32), axis=1)
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+            if SILU:
+                acc = acc * tl.sigmoid(acc)
+            tl.store(state_ptrs + k[None, :] * stride_state_k, window, mask=c_ok[:, None] & (k[None, :] < WIDTH))
+            tl.store(cout_ptr + row * stride_cout_b + c, acc.to(cout_ptr.dtype.element_ty), mask=c_ok)
+
+    @triton.jit
+    def _conv_ssm_step_kernel(conv_state_ptr, xin_ptr, conv_w_ptr, conv_bias_ptr, cout_ptr,
+                              state_ptr, dt_ptr, dt_bias_ptr, A_log_ptr, D_ptr, z_ptr, z_bias_ptr, out_ptr,
+                              headdim, dstate, heads_per_prog, x_rep, b_rep, c_rep, d_x, d_b,
+                              stride_cs_b, stride_cs_c, stride_cs_k, stride_xin_b, stride_cout_b,
+                              stride_state_b, stride_state_h, stride_state_p, stride_state_n,
+                              stride_dt_b, stride_z_b, stride_out_b,
+                              WIDTH: tl.constexpr, WIDTH_P2: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
+                              CONV_SILU: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
+                              DISCRETE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+                              HAS_Z_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                              BLOCK_N: tl.constexpr):
+        row = tl.program_id(0)
+        h0 = tl.program_id(1) * heads_per_prog
+        # 1. conv over the channels only this program reads: its x heads, B groups, C groups
+        _conv_channels(conv_state_ptr, xin_ptr, conv_w_ptr, conv_bias_ptr, cout_ptr, row,
+                       (h0 // x_rep) * headdim, (heads_per_prog // x_rep) * headdim,
+                       stride_cs_b, stride_cs_c, stride_cs_k, stride_xin_b, stride_cout_b,
+                       WIDTH, WIDTH_P2, HAS_CONV_BIAS, CONV_SILU, BLOCK_C)
+        _conv_channels(conv_state_ptr, xin_ptr, conv_w_ptr, conv_bias_ptr, cout_ptr, row,
+                       d_x + (h0 // b_rep) * dstate, (heads_per_prog // b_rep) * dstate,
+                       stride_cs_b, stride_cs_c, stride_cs_k, stride_xin_b, stride_cout_b,
+                       WIDTH, WIDTH_P2, HAS_CONV_BIAS, CONV_SILU, BLOCK_C)
+        _conv_channels(conv_state_ptr, xin_ptr, conv_w_ptr, conv_bias_ptr, cout_ptr, row,
+                       d_x + d_b + (h0 // c_rep) * dstate, (heads_per_prog // c_rep) * dstate,
+                       stride_cs_b, stride_cs_c, stride_cs_k, stride_xin_b, stride_cout_b,
+                       WIDTH, WIDTH_P2, HAS_CONV_BIAS, CONV_SILU, BLOCK_C)
+        # the SSM below reads conv outputs other threads of this program just wrote
+        tl.debug_barrier()
+        # 2. the SSM step of each head: `_ssm_step_kernel`'s body over a whole [headdim, dstate] tile
+        p = tl.arange(0, BLOCK_P)
+        n = tl.arange(0, BLOCK_N)
+        p_ok, n_ok = p < headdim, n < dstate
+        tile_ok = p_ok[:, None] & n_ok[None, :]
+        cout_row = cout_ptr + row * stride_cout_b
+        for i in range(0, heads_per_prog):
+            head = h0 + i
+            dt = tl.load(dt_ptr + row * stride_dt_b + head).to(tl.float32)
+            if HAS_DT_BIAS:
+                dt += tl.load(dt_bias_ptr + head).to(tl.float32)
+            if DT_SOFTPLUS:
+                dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(dt, 20.0))), dt)
+            decay = tl.exp(-tl.exp(tl.load(A_log_ptr + head).to(tl.float32)) * dt)
+            x = tl.load(cout_row + (head // x_rep) * headdim + p, mask=p_ok, other=0.0).to(tl.float32)
+            Bv = tl.load(cout_row + d_x + (head // b_rep) * dstate + n, mask=n_ok, other=0.0).to(tl.float32)
+            Cv = tl.load(cout_row + d_x + d_b + (head // c_rep) * dstate + n, mask=n_ok, other=0.0).to(tl.float32)
+            state_ptrs = (state_ptr + row.to(tl.int64) * stride_state_b + head * stride_state_h
+                          + p[:, None] * stride_state_p + n[None, :] * stride_state_n)
+            state = tl.load(state_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
+            if DISCRETE:
+                inp = x
+            else:
+                inp = x * dt
+            state = state * decay + inp[:, None] * Bv[None, :]
+            tl.store(state_ptrs, state.to(state_ptr.dtype.element_ty), mask=tile_ok)
+            y = tl.sum(state * Cv[None, :], axis=1)
+            if HAS_D:
+                y += x * tl.load(D_ptr + head).to(tl.float32)
+            if HAS_Z:
+                z = tl.load(z_ptr + row * stride_z_b + head * headdim + p, mask=p_ok, other=0.0).to(tl.float32)
+                if HAS_Z_BIAS:
+                    z += tl.load(z_bias_ptr + head * headdim + p, mask=p_ok, other=0.0).to(tl.float32)
+                y = y * z * tl.sigmoid(z)
+            tl.store(out_ptr + row * stride_out_b + head * headdim + p, y.to(out_ptr.dtype.element_ty), mask=p_ok)
+
+
+CONV_SSM_STEP_CONFIG = {"num_warps": 4, "block_c": 64}
+
+
+def use_fused_conv_ssm() -> bool:
+    """`THINKFAST_DECODE_CONV=fused` runs conv_step + ssm_step as one launch; default `separate` (two launches, the
+    path checked on an H100) until `scripts/profile_decode.py --check` has passed on a GPU."""
+    mode = os.environ.get("THINKFAST_DECODE_CONV", "separate")
+    if mode not in ("fused", "separate"):
+        raise ValueError(f"THINKFAST_DECODE_CONV must be fused or separate, got {mode!r}")
+    return mode == "fused"
+
+
+def conv_ssm_step(conv_state, xBC, conv_weight, conv_bias, conv_silu, ssm_state, x_heads, b_groups, dt, A_log,
+                  D=None, z=None, dt_bias=None, z_bias=None, dt_softplus=True, discrete=False):
+    """`conv_ssm_step_ref`'s contract in one kernel (two, `conv_step` + `ssm_step`, where the head layout does
+    not split into disjoint programs or `THINKFAST_DECODE_CONV=separate`). xBC, dt and z may be column views of
+    the in_proj output (last dim contiguous); conv_weight [conv_dim, d_conv] contiguous; states updated in place."""
+    if not fast_decode_enabled(xBC):
+        return conv_ssm_step_ref(conv_state, xBC, conv_weight, conv_bias, conv_silu, ssm_state, x_heads, b_groups,
+                                 dt, A_log, D, z, dt_bias, z_bias, dt_softplus, discrete)
+    batch, nheads, headdim, dstate = ssm_state.shape
+    d_x, d_b, _, c_groups = _xbc_split(xBC, ssm_state, x_heads, b_groups)
+    reps = (nheads // x_heads, nheads // b_groups, nheads // c_groups)
+    heads_per_prog = max(reps)
+    if not use_fused_conv_ssm() or _CONV_SSM_BROKEN or any(heads_per_prog % r for r in reps):
+        return _conv_then_ssm(conv_step, ssm_step, conv_state, xBC, conv_weight, conv_bias, conv_silu, ssm_state,
+                              x_heads, b_groups, dt, A_log, D, z, dt_bias, z_bias, dt_softplus, discrete)
+    for name, t in (("xBC", xBC), ("dt", dt), ("z", z)):
+        if t is not None and t.stride(-1) != 1:
+            raise ValueError(f"conv_ssm_step: {name} needs a contiguous last dimension")
+    width = conv_weight.shape[-1]
+    assert conv_weight.is_contiguous() and conv_state.shape == (batch, xBC.shape[1], width)
+    conv_out = torch.empty(batch, xBC.shape[1], device=xBC.device, dtype=xBC.dtype)
+    out = torch.empty(batch, nheads, headdim, device=xBC.device, dtype=xBC.dtype)
+    dummy = A_log
+    # states are updated in place: on a launch failure (compile error on a new GPU/Triton) nothing ran yet,
+    # so the two-kernel path can take over
+    try:
+        _launch_conv_ssm(conv_state, xBC, conv_weight, conv_bias, conv_silu, conv_out, ssm_state, dt, A_log, D, z,
+                         dt_bias, z_bias, dt_softplus, discrete, out, heads_per_prog, reps, d_x, d_b, width, dummy)
+    except Exception as err:  # noqa: BLE001
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise
+        import warnings
+
+        _CONV_SSM_BROKEN.append(repr(err))
+        warnings.warn(f"fused conv + SSM step failed ({str(err)[:300]}); two kernels from now on")
+        return _conv_then_ssm(conv_step, ssm_step, conv_state, xBC, conv_weight, conv_bias, conv_silu, ssm_state,
+                              x_heads, b_groups, dt, A_log, D, z, dt_bias, z_bias, dt_softplus, discrete)
+    return out
+
+
+_CONV_SSM_BROKEN: list[str] = []
+
+
+def _launch_conv_ssm(conv_state, xBC, conv_weight, conv_bias, conv_silu, conv_out, ssm_state, dt, A_log, D, z,
+                     dt_bias, z_bias, dt_softplus, discrete, out, heads_per_prog, reps, d_x, d_b, width, dummy):
+    batch, nheads, headdim, dstate = ssm_state.shape
+    _conv_ssm_step_kernel[(batch, nheads // heads_per_prog)](
+        conv_state, xBC, conv_weight, conv_bias if conv_bias is not None else conv_weight, conv_out,
+        ssm_state, dt, dt_bias if dt_bias is not None else dummy, A_log, D if D is not None else dummy,
+        z if z is not None else xBC, z_bias if z_bias is not None else dummy, out,
+        headdim, dstate, heads_per_prog, reps[0], reps[1], reps[2], d_x, d_b,
+        conv_state.stride(0), conv_state.stride(1), conv_state.stride(2), xBC.stride(0), conv_out.stride(0),
+        ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), ssm_state.stride(3),
+        dt.stride(0), z.stride(0) if z is not None else 0, out.stride(0),
+        WIDTH=width, WIDTH_P2=_pow2(width), HAS_CONV_BIAS=conv_bias is not None, CONV_SILU=conv_silu,
+        HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, DISCRETE=discrete, HAS_D=D is not None,
+        HAS_Z=z is not None, HAS_Z_BIAS=z_bias is not None, BLOCK_C=CONV_SSM_STEP_CONFIG["block_c"],
+        BLOCK_P=_pow2(headdim), BLOCK_N=_pow2(dstate), num_warps=CONV_SSM_STEP_CONFIG["num_warps"])
+
+
+# --------------------------------------------------------------------------------------------------
 # residual add + RMSNorm (Llama's: normalise in fp32, round to the input dtype, then scale)
 
 

@@ -819,12 +819,14 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
         return self.lm_head(self.model.norm(last)).float()
 
     @torch.no_grad()
-    def decode_step(self, input_ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
+    def decode_step(self, input_ids: torch.Tensor, state: DecodeState, float_logits: bool = True) -> torch.Tensor:
         """One token for every slot at position `state.seqlens` (all slots advance); returns logits [B, vocab].
-        Fused Triton kernels on CUDA (`decode_kernels`), the layer-by-layer PyTorch reference otherwise."""
+        Fused Triton kernels on CUDA (`decode_kernels`), the layer-by-layer PyTorch reference otherwise.
+        float_logits=False returns lm_head's own dtype (bf16 on GPU): a sampler that reads bf16 saves the fp32
+        copy of [B, vocab] (~40 us per step at batch 256)."""
         if dk.fast_decode_enabled(self.lm_head.weight):
-            return self._decode_step_fast(input_ids, state)
-        return self.decode_step_ref(input_ids, state)
+            return self._decode_step_fast(input_ids, state, float_logits)
+        return self.decode_step_ref(input_ids, state, float_logits)
 
     def _decode_context(self, hidden, state: DecodeState) -> ForwardContext:
         """RoPE cos/sin and the additive key mask [B, 1, 1, max_seqlen], computed once per step for all layers."""
@@ -839,15 +841,15 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
         return ctx
 
     @torch.no_grad()
-    def decode_step_ref(self, input_ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
+    def decode_step_ref(self, input_ids: torch.Tensor, state: DecodeState, float_logits: bool = True) -> torch.Tensor:
         """`decode_step` through the layers' PyTorch `step` (CPU path and oracle)."""
         hidden = self.model.embed_tokens(input_ids.view(-1, 1))
         ctx = self._decode_context(hidden, state)
         for layer, layer_state in zip(self.model.layers, state.layers):
             hidden = layer(hidden, ctx=ctx, layer_state=layer_state)
-        logits = self.lm_head(self.model.norm(hidden[:, 0])).float()
+        logits = self.lm_head(self.model.norm(hidden[:, 0]))
         state.seqlens.add_(1)
-        return logits
+        return logits.float() if float_logits else logits
 
     def _rope_table(self, max_seqlen: int, device, dtype):
         """cos/sin [max_seqlen, head_dim] for positions 0..max_seqlen-1, computed once per (length, device,
@@ -863,7 +865,7 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
             cache[key] = (cos[0].contiguous(), sin[0].contiguous())
         return cache[key]
 
-    def _decode_step_fast(self, input_ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
+    def _decode_step_fast(self, input_ids: torch.Tensor, state: DecodeState, float_logits: bool = True) -> torch.Tensor:
         hidden = self.model.embed_tokens(input_ids.view(-1))                       # [B, D]
         rotary = self.model.rotary_emb
         if rotary is not None and not dk.use_flash_decode():
@@ -885,7 +887,10 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
         for layer, layer_state in zip(self.model.layers, state.layers):
             normed, residual = dk.add_rms_norm(hidden, residual, layer.input_layernorm.weight,
                                                layer.input_layernorm.variance_epsilon)
-            mixed = layer.token_mixer.step_fast(normed, layer_state, ctx)
+            if layer.is_attention or not dk.use_fused_conv_ssm():
+                mixed = layer.token_mixer.step_fast(normed, layer_state, ctx)
+            else:
+                mixed = _ssm_mixer_step_fused(layer.token_mixer, normed, layer_state)
             normed, residual = dk.add_rms_norm(mixed, residual, layer.post_attention_layernorm.weight,
                                                layer.post_attention_layernorm.variance_epsilon)
             mlp = layer.mlp
@@ -898,6 +903,32 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
                 act = mlp.act_fn(gate) * up
             hidden = mlp.down_proj(act)
         normed, _ = dk.add_rms_norm(hidden, residual, self.model.norm.weight, self.model.norm.variance_epsilon)
-        logits = self.lm_head(normed).float()
+        logits = self.lm_head(normed)
         state.seqlens.add_(1)
-        return logits
+        return logits.float() if float_logits else logits
+
+
+def _ssm_mixer_step_fused(mixer, hidden, layer_state):
+    """The mixers' `step_fast` with the conv and the SSM step in one kernel (`decode_kernels.conv_ssm_step`):
+    in_proj GEMM, conv + SSM, (MambaInLlama: gated RMSNorm), out_proj GEMM. Both mixer types, told apart by
+    Llamba's `z_bias`; their tensor layouts are DESIGN.md's. `THINKFAST_DECODE_CONV=separate` runs their own
+    `step_fast` instead (A/B runs); this belongs in the mixers once the A/B is settled."""
+    batch = hidden.shape[0]
+    weight, bias = fused_linear_weight(mixer, "in_proj", [mixer.in_proj], pad_to=64)
+    projected = F.linear(hidden, weight, bias)[:, :mixer.in_proj.out_features]
+    conv_weight = mixer.conv1d.weight.squeeze(1)
+    if hasattr(mixer, "z_bias"):                 # Llamba: rows x, B, C, z, dt; discrete SSM, z gate fused
+        xBC, z, dt = mixer._split_in_proj(projected)
+        y = dk.conv_ssm_step(layer_state["conv_state"], xBC, conv_weight, mixer.conv1d.bias,
+                             mixer.conv_activation == "silu", layer_state["ssm_state"], mixer.nheads,
+                             mixer.n_qk_heads, dt, mixer.A_log, D=mixer.D, z=z, z_bias=mixer.z_bias,
+                             dt_softplus=True, discrete=True)
+        return F.linear(y.view(batch, mixer.d_inner), mixer.out_proj.weight, mixer.out_proj.bias)
+    z, xBC, dt = mixer._split_in_proj(projected)  # MambaInLlama: rows z, x, B, C, dt; x/B at KV width
+    y = dk.conv_ssm_step(layer_state["conv_state"], xBC, conv_weight, mixer.conv1d.bias, True,
+                         layer_state["ssm_state"], mixer.n_kv_heads, mixer.n_kv_heads, dt, mixer.A_log, D=mixer.D,
+                         dt_bias=mixer.dt_bias, dt_softplus=True)
+    gated_norm = ssd.gated_rmsnorm if y.is_cuda else ssd.gated_rmsnorm_ref
+    y = gated_norm(y.view(batch, mixer.d_inner), z, mixer.norm.weight, eps=mixer.norm_eps,
+                   group_size=mixer.norm_group_size)
+    return F.linear(y, mixer.out_proj.weight, mixer.out_proj.bias)
