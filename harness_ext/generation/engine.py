@@ -451,6 +451,14 @@ class Engine:
     def generate(self, prompts, params: SamplingParams | None = None, n: int = 1, seed: int = 0,
                  progress: bool = False) -> list[list[Completion]]:
         """`n` samples for each prompt; returns outs[prompt][sample] (see the module docstring)."""
+        if self.device.type != "cuda":
+            return self._generate(prompts, params, n, seed, progress)
+        # streams, graph capture and replay act on the *current* device: make it the model's (cuda:1 in a
+        # data-parallel process whose current device is still cuda:0)
+        with torch.cuda.device(self.device):
+            return self._generate(prompts, params, n, seed, progress)
+
+    def _generate(self, prompts, params, n, seed, progress) -> list[list[Completion]]:
         params = params or SamplingParams()
         prompt_ids = self._validate(prompts, params, n)
         t_start = time.perf_counter()
