@@ -1,7 +1,7 @@
 """`thinkfast reproduce`: the paper's experiment at 135M scale, in stages that run in parallel and resume.
 
     thinkfast reproduce --budget fast                     # 4 H100s: < 25 min (see FAST), runs/reproduce-fast
-    thinkfast reproduce                                   # the full protocol: ~37 min on 4 H100s, ~58 on one
+    thinkfast reproduce                                   # the full protocol: ~38 min on 4 H100s, ~81 on one
     thinkfast reproduce --plan --gpus 4 --budget fast     # the DAG, the device schedule, the expected wall-clock
     thinkfast reproduce --smoke                           # CPU, minutes: tiny budgets, runs/reproduce-smoke
     thinkfast reproduce --stages eval-teacher,eval-mil    # a subset (their inputs must be finished already)

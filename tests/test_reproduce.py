@@ -273,17 +273,27 @@ def test_default_prm_is_recorded_not_trained(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
+def smoke_run():
+    import shutil
+    import tempfile
+
     import torch
 
-    workdir = tmp_path_factory.mktemp("reproduce")
+    # not under pytest's basetemp: another pytest session on the machine prunes old basetemps, which deleted a
+    # workdir in the middle of this (many-minute) run once
+    workdir = Path(tempfile.mkdtemp(prefix="thinkfast-reproduce-smoke-"))
+    yield from _smoke_run(workdir, torch.cuda.is_available())
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _smoke_run(workdir: Path, cuda: bool):
     # no GPU here: leaving out --smoke checks that it is implied; with a GPU, ask for it explicitly
-    args = ["--workdir", str(workdir)] + (["--smoke"] if torch.cuda.is_available() else [])
+    args = ["--workdir", str(workdir)] + (["--smoke"] if cuda else [])
     t0 = time.time()
     result = cli(*args)
     print(f"smoke reproduction: {time.time() - t0:.0f}s")
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
-    return workdir, result
+    yield workdir, result
 
 
 @pytest.mark.slow
@@ -377,7 +387,10 @@ def test_failing_stage_names_itself_and_keeps_earlier_stamps(smoke_run):
     before = stamps(workdir)
     config.write_text("{ not json")
     try:
-        result = cli("--smoke", "--workdir", str(workdir), "--stages", "eval-mil,eval-llamba", "--force", "eval-mil")
+        # both forced, one device, equal priority: eval-mil starts first (pipeline order), and its failure keeps
+        # eval-llamba from starting (an up-to-date, unforced stage would be reported as skipped instead)
+        result = cli("--smoke", "--workdir", str(workdir), "--stages", "eval-mil,eval-llamba",
+                     "--force", "eval-mil,eval-llamba")
     finally:
         config.write_text(good)
     assert result.returncode == 1
