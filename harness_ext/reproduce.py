@@ -1,6 +1,8 @@
-"""`thinkfast reproduce`: the paper's experiment at 135M scale, in stages that run separately and resume.
+"""`thinkfast reproduce`: the paper's experiment at 135M scale, in stages that run in parallel and resume.
 
-    thinkfast reproduce                                   # GPU: full budgets (~45 min of H100), runs/reproduce
+    thinkfast reproduce --budget fast                     # 4 H100s: < 25 min (see FAST), runs/reproduce-fast
+    thinkfast reproduce                                   # the full protocol: ~38 min on 4 H100s, ~81 on one
+    thinkfast reproduce --plan --gpus 4 --budget fast     # the DAG, the device schedule, the expected wall-clock
     thinkfast reproduce --smoke                           # CPU, minutes: tiny budgets, runs/reproduce-smoke
     thinkfast reproduce --stages eval-teacher,eval-mil    # a subset (their inputs must be finished already)
     thinkfast reproduce --force distill-mil               # re-run one stage from scratch (and what depends on it)
@@ -9,18 +11,29 @@
 Without a CUDA device `--smoke` is implied (and said so): the same path with tiny budgets (a few distillation
 steps, 2 problems, N = 4 samples, short completions, a 2-layer throughput benchmark).
 
-Stages, in order (each one a folder under --workdir, finished when its DONE.json stamp matches its inputs):
+Stages (each one a folder under --workdir, finished when its DONE.json stamp matches its inputs):
 
   teacher         convert the teacher (default: embedded SmolLM2-135M-Instruct) -> thinkfast's cache
   init            `thinkfast init` the two untrained students (MambaInLlama keeps every 2nd attention layer)
   distill-mil     `thinkfast distill --recipe mambainllama` (reverse KL), starting from init's student
   distill-llamba  `thinkfast distill --recipe llamba` (MOHAWK, 3 stages), starting from init's student
-  prm             `thinkfast prm train` (the default process reward model on the teacher)
+  prm             records the committed default PRM (harness_ext/assets/prm: manifest sha256, metrics), or the
+                  one --prm names; `--train-prm` trains one instead (`thinkfast prm train`, ~6 min of H100)
   eval-teacher    `lm_eval` gsm8k500_bon and math500_bon, N = 64, T = 0.8, with the PRM (teacher backend)
   eval-mil        the same for the distilled MambaInLlama (mambainllama backend)
   eval-llamba     the same for the distilled Llamba (llamba backend)
   bench           `thinkfast bench` (decode throughput vs batch size)
   leaderboard     `thinkfast leaderboard` over the three evals and the bench -> <workdir>/leaderboard/out
+
+Scheduling: `--gpus N` devices (default: every visible CUDA device; 1 on CPU). A stage starts as soon as the
+stages it reads have finished (evaluations also wait for the prm stage, the leaderboard for the bench) and a
+device is free, longest remaining chain first (estimated from H100_ESTIMATES: distill-llamba -> eval-llamba,
+then distill-mil -> eval-mil, eval-teacher, bench). Each stage runs in its own process (`python -m
+harness_ext.reproduce --worker ...`), pinned to one GPU with CUDA_VISIBLE_DEVICES. With one device the stages'
+output streams to the console as a serial run's would; with several, the console shows one line per start and
+finish and a status line every --heartbeat seconds, and each stage's output goes to its <stage>/log.txt only.
+A failing stage stops new starts; running stages finish (and stamp); the failure is reported with its log. Ctrl-C
+or SIGTERM stops every stage process (their process groups); finished stages keep their stamps.
 
 Every stage prints the exact commands it runs (run them by hand to reproduce one step) and logs them, with their
 output, to <stage>/log.txt. A stage's inputs are its settings plus the identity of the stages it reads, so the
@@ -28,9 +41,9 @@ teacher's evaluation depends only on the teacher, the task settings and the PRM,
 when only student settings change. A stage folder holding the same inputs but no stamp (an interrupted run) keeps
 its partial outputs: distillation resumes from its last checkpoint, evaluation from its last finished task.
 The eval stages write `thinkfast_meta.json` (see harness_ext/leaderboard.py) next to lm-eval's results: the model,
-architecture, parameters, distillation tokens, card, commit, and per task the generation wall-clock seconds,
-generated tokens and number of samples. When the PRM stage is skipped, or fails in --smoke, evaluation runs
-without a PRM and the leaderboard shows bon / weighted_bon as n/a.
+architecture, parameters, distillation tokens, card, commit, the budget's settings, and per task the generation
+wall-clock seconds, generated tokens and number of samples. With `--prm none` (or a --train-prm stage that
+failed in --smoke) evaluation runs without a PRM and the leaderboard shows bon / weighted_bon as n/a.
 """
 from __future__ import annotations
 
@@ -43,9 +56,11 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -95,20 +110,49 @@ STUDENTS = {
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """What --smoke shrinks. Full: the paper's protocol at 135M; smoke: CPU in minutes."""
+    """What a preset changes. full: the paper's protocol at 135M; fast: fits one 30-minute lease on 4 GPUs
+    (see FAST); smoke: CPU in minutes."""
+    name: str = "full"
     n: int = 64                          # samples per problem
     temperature: float = 0.8
     limit: int | None = None             # problems per task (None: all 500)
-    max_gen_toks: int | None = None      # None: the task YAML's (GSM8K 400, MATH 1024)
-    distill_tokens: int | None = None    # per active distillation stage; None: the recipe's
+    max_gen_toks: int | None = None      # every task; None: task_max_gen_toks, else the task YAML's (GSM8K 400, MATH 1024)
+    task_max_gen_toks: tuple[tuple[str, int], ...] = ()   # (task, max new tokens) overrides
+    distill_tokens: int | None = None    # per active distillation stage of both recipes; None: the recipe's
+    distill_stage_tokens: tuple[tuple[str, str, int], ...] = ()   # (recipe, stage, tokens) overrides
     bench_args: tuple[str, ...] = ()
     leaderboard_args: tuple[str, ...] = ()
 
+    def gen_toks(self, task: str) -> int | None:
+        return self.max_gen_toks or dict(self.task_max_gen_toks).get(task)
+
+    def stage_tokens(self, recipe: str, stage: str) -> int | None:
+        return next((t for r, s, t in self.distill_stage_tokens if (r, s) == (recipe, stage)), self.distill_tokens)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Budget":
+        tuples = lambda v: tuple(tuple(x) if isinstance(x, list) else x for x in v)  # noqa: E731
+        return cls(**{k: tuples(v) if isinstance(v, list) else v for k, v in data.items()})
+
 
 FULL = Budget()
-SMOKE = Budget(n=4, limit=2, max_gen_toks=24, distill_tokens=256,
+# fast: the paper's protocol except two budgets, chosen with `thinkfast reproduce --plan --gpus 4 --budget fast`
+# so that the whole run fits one 30-minute H100 lease (< 25 min) on 4 GPUs. On that machine the critical path is
+# teacher -> init -> distill-llamba -> eval-llamba, and the full protocol's is ~33 min (Llamba's 60M MOHAWK tokens
+# alone ~21 min). What differs from full (both are recorded in every stamp and in thinkfast_meta.json):
+#   - Llamba MOHAWK tokens 2M / 6M / 16M (matrix / hidden / kd) instead of 4M / 12M / 44M: 24M of 60M;
+#   - MATH-500 completions capped at 512 new tokens instead of the task's 1024 (GSM8K keeps 400).
+# MambaInLlama keeps its full 50M tokens, N stays 64 and every problem is evaluated.
+FAST = Budget(name="fast", task_max_gen_toks=(("math500_bon", 512),),
+              distill_stage_tokens=(("llamba", "matrix", 2_000_000), ("llamba", "hidden", 6_000_000),
+                                    ("llamba", "kd", 16_000_000)))
+SMOKE = Budget(name="smoke", n=4, limit=2, max_gen_toks=24, distill_tokens=256,
                bench_args=("--batches", "1,2", "--prompt-len", "16", "--gen-len", "8", "--layers", "2"),
                leaderboard_args=("--ks", "1", "2", "4", "--vote-k", "4", "--batches", "1", "2"))
+BUDGETS = {"full": FULL, "fast": FAST}
 
 
 class StageError(RuntimeError):
@@ -153,9 +197,12 @@ def card_name(device: str) -> str:
     """The GPU's name, read without creating a CUDA context in this (long-lived) parent process."""
     if device != "cuda":
         return "cpu"
+    # nvidia-smi ignores CUDA_VISIBLE_DEVICES: ask for the card this stage is pinned to
+    pinned = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    select = ["-i", pinned] if pinned.isdigit() else []
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=30)
+        out = subprocess.run(["nvidia-smi", *select, "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip().splitlines()[0].strip()
     except (OSError, subprocess.SubprocessError):
@@ -201,7 +248,7 @@ class Reproduction:
         self.budget = budget
         self.smoke = smoke
         self.device = device
-        self.prm_choice = prm  # "train" (the prm stage), "none", or a PRM name / path for load_prm
+        self.prm_choice = prm  # "train" (the prm stage trains one), "none", or a PRM for load_prm ("default", ...)
         self.publish = publish
         self.seed = seed
         self.commit = git_commit()
@@ -252,12 +299,19 @@ class Reproduction:
         # the run id changes whenever a stage re-runs, so whatever read its outputs re-runs too
         return {"stage": stamp["stage"], "key": stamp["key"], "run": stamp.get("output_id")}
 
+    def dependencies(self, stage: str) -> tuple[str, ...]:
+        """Hard dependencies; a PRM that is only recorded (not trained) needs no teacher."""
+        if stage == "prm" and self.prm_choice != "train":
+            return ()
+        return DEPENDS[stage]
+
+    def soft_dependencies(self, stage: str) -> tuple[str, ...]:
+        return tuple(s for s in SOFT_DEPENDS.get(stage, ()) if s != "prm" or self.prm_choice != "none")
+
     def prm_spec(self) -> tuple[str | None, dict]:
-        """(--metadata prm value or None, its identity for the eval stages' keys)."""
+        """(--metadata prm value or None, its identity for the eval stages' keys): always the prm stage's PRM."""
         if self.prm_choice == "none":
             return None, {"prm": None}
-        if self.prm_choice != "train":
-            return self.prm_choice, {"prm": self.prm_choice}
         stamp = self.valid_stamp("prm")
         if stamp is None:
             return None, {"prm": None}
@@ -271,19 +325,22 @@ class Reproduction:
         base = {"stage": stage, "smoke": self.smoke}
         if stage == "teacher":
             return {**base, "teacher": self.teacher_spec}
+        if stage == "prm" and self.prm_choice != "train":
+            return {**base, "prm": self.prm_choice, "identity": prm_identity(self.prm_choice)}
         teacher = self.upstream(stage, "teacher")
         teacher_id = {"teacher": teacher["teacher_source"]}
         if stage == "init":
             return {**base, **teacher_id, "init": {s.recipe: self.init_args(s) for s in STUDENTS.values()}}
+        if stage == "prm":
+            return {**base, **teacher_id, "args": self.prm_args(Path("OUT"))}
         if stage in ("distill-mil", "distill-llamba"):
             student = self.student(stage)
             return {**base, **teacher_id, "init": self.identity(self.upstream(stage, "init")),
                     "args": self.distill_args(student, Path("OUT"))}
-        if stage == "prm":
-            return {**base, **teacher_id, "args": self.prm_args(Path("OUT"))}
+
         if stage.startswith("eval-"):
             tasks = {"tasks": list(TASKS), "n": b.n, "temperature": b.temperature, "limit": b.limit,
-                     "max_gen_toks": b.max_gen_toks, "seed": self.seed, "device": self.device,
+                     "max_gen_toks": {t: b.gen_toks(t) for t in TASKS}, "seed": self.seed, "device": self.device,
                      "prm": self.prm_spec()[1]}
             if stage == "eval-teacher":  # keyed by teacher + task settings only: reused whatever the students
                 return {**base, **teacher_id, **tasks}
@@ -324,16 +381,20 @@ class Reproduction:
                 "--out", str(out)]
         if self.smoke:
             args.append("--smoke")
-        if self.budget.distill_tokens is not None:
-            from distill.cli import load_recipe, merge
-
-            recipe = load_recipe(student.recipe)
-            if self.smoke:
-                recipe = merge(recipe, recipe.get("smoke", {}))
-            for name, cfg in recipe["stages"].items():
-                if float((cfg or {}).get("max_tokens", 0)) > 0:
-                    args.append(f"stages.{name}.max_tokens={self.budget.distill_tokens}")
+        for name, (_, tokens) in self.distill_stage_budgets(student).items():
+            if tokens is not None:
+                args.append(f"stages.{name}.max_tokens={tokens}")
         return args
+
+    def distill_stage_budgets(self, student: Student) -> dict[str, tuple[int, int | None]]:
+        """Active distillation stages of the student's recipe -> (the recipe's tokens, the budget's override)."""
+        from distill.cli import load_recipe, merge
+
+        recipe = load_recipe(student.recipe)
+        if self.smoke:
+            recipe = merge(recipe, recipe.get("smoke", {}))
+        return {name: (int(float(cfg["max_tokens"])), self.budget.stage_tokens(student.recipe, name))
+                for name, cfg in recipe["stages"].items() if float((cfg or {}).get("max_tokens", 0)) > 0}
 
     def prm_args(self, out: Path) -> list[str]:
         args = ["prm", "train", "--out", str(out), "--device", self.device]
@@ -468,6 +529,25 @@ class Reproduction:
         return self._distill("distill-llamba", folder)
 
     def stage_prm(self, folder: Path):
+        if self.prm_choice != "train":  # a given PRM (the committed default unless --prm): record what it is
+            identity = prm_identity(self.prm_choice)
+            command = f"load_prm({self.prm_choice!r})"
+            self.log(f"PRM {self.prm_choice!r} (not trained here; --train-prm trains one): {json.dumps(identity)}")
+            outputs, extra = {"prm": self.prm_choice}, {"prm_identity": identity}
+            if self.prm_choice == "default":
+                from harness_ext.scoring.prm import ASSETS_DIR, MANIFEST
+
+                manifest = read_json(ASSETS_DIR / MANIFEST) or {}
+                weights = ASSETS_DIR / manifest.get("weights", "")
+                if not weights.is_file() or file_sha256(weights) != manifest.get("weights_sha256"):
+                    raise StageError("prm", f"{weights} is missing or does not match the sha256 in "
+                                            f"{ASSETS_DIR / MANIFEST}; restore it (git checkout) or use --train-prm")
+                outputs.update(manifest=str((ASSETS_DIR / MANIFEST).resolve()), weights=str(weights.resolve()))
+                extra["prm_metrics"] = manifest.get("metrics")
+                heldout = (manifest.get("metrics") or {}).get("heldout") or {}
+                self.log(f"default PRM: trained {manifest.get('created')} on {manifest.get('device')}, held-out "
+                         f"AUC {json.dumps(heldout.get('auc'))}, weighted_bon@16 {json.dumps(heldout.get('weighted_bon@16'))}")
+            return outputs, [command], extra
         out = (folder / "out").resolve()
         cmd = thinkfast_cmd(*self.prm_args(out))
         self.execute("prm", cmd)
@@ -513,8 +593,9 @@ class Reproduction:
                 "parameters": parameters or count_parameters(checkpoint), "distillation_tokens": tokens,
                 "card": card_name(self.device), "commit": self.commit, "bench_model": bench_model,
                 "generation": generation, "checkpoint": str(checkpoint), "smoke": self.smoke,
-                "settings": {"n": self.budget.n, "temperature": self.budget.temperature, "limit": self.budget.limit,
-                             "max_gen_toks": self.budget.max_gen_toks, "prm": prm}}
+                "settings": {"budget": self.budget.name, "n": self.budget.n, "temperature": self.budget.temperature,
+                             "limit": self.budget.limit, "max_gen_toks": {t: self.budget.gen_toks(t) for t in TASKS},
+                             "prm": prm}}
         atomic_write_json(model_dir / META_FILE, meta)
         self.log(f"{name}: " + ", ".join(f"{t} {g['num_samples']} samples, {g['generated_tokens']:,} tokens in "
                                           f"{g['wall_clock_seconds']:.1f}s" for t, g in generation.items()))
@@ -525,7 +606,7 @@ class Reproduction:
         metadata = {"n": b.n, **({"prm": str(prm)} if prm else {})}
         if prm and self.device == "cpu":
             metadata["prm_device"] = "cpu"
-        gen = f"temperature={b.temperature}" + (f",max_gen_toks={b.max_gen_toks}" if b.max_gen_toks else "")
+        gen = f"temperature={b.temperature}" + (f",max_gen_toks={b.gen_toks(task)}" if b.gen_toks(task) else "")
         cmd = [sys.executable, "-m", "lm_eval", "--model", backend, "--model_args", f"pretrained={checkpoint}",
                "--tasks", task, "--apply_chat_template", "--batch_size", "auto", "--device", self.device,
                "--gen_kwargs", gen, "--metadata", json.dumps(metadata, separators=(",", ":")),
@@ -577,6 +658,36 @@ class Reproduction:
 
 
 # ----------------------------------------------------------------------------- eval bookkeeping
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def prm_identity(choice: str) -> dict:
+    """What identifies a given (not trained here) PRM: for the committed default, its manifest's sha256 and the
+    weights' sha256 it names; for a directory, its path and manifest / config sha256; for a hub id, the id."""
+    from harness_ext.scoring.prm import ASSETS_DIR, MANIFEST
+
+    folder = ASSETS_DIR if choice == "default" else Path(choice).expanduser()
+    if choice == "default" and not (folder / MANIFEST).is_file():
+        raise StageError("prm", f"no committed default PRM ({folder / MANIFEST} is missing); "
+                                f"train one with --train-prm or pass --prm none")
+    if not folder.is_dir():
+        return {"name": choice}
+    identity = {"name": choice} if choice == "default" else {"path": str(folder.resolve())}
+    for name in (MANIFEST, "config.json"):
+        if (folder / name).is_file():
+            identity[f"{name}_sha256"] = file_sha256(folder / name)
+            manifest = read_json(folder / name) or {}
+            if manifest.get("weights_sha256"):
+                identity["weights_sha256"] = manifest["weights_sha256"]
+            break
+    return identity
+
 
 def teacher_name(spec: str) -> str:
     return Path(spec.rstrip("/")).name.lower() if spec != DEFAULT_TEACHER else DEFAULT_TEACHER
@@ -650,6 +761,465 @@ def summarize_eval(stage: str, task: str, results_root: Path, started: float, ch
             "generation": generation}
 
 
+# ----------------------------------------------------------------------------- time estimates and the plan
+
+# Per-stage H100 estimates (seconds): the input of `--plan` and of the scheduler's critical-path priority.
+# Sources: leaderboards/README.md (one H100 80GB, 2026-11-27) and the lead's measurements of the same day;
+# "guess" marks what nobody has measured yet: correct it from a run's stamps (DONE.json timings.seconds).
+H100_ESTIMATES = {
+    "worker_start_s": 10,          # guess: a stage's subprocess importing torch / transformers
+    "teacher_s": 45,               # guess: GGUF -> HF conversion (CPU), once per machine
+    "init_s": 60,                  # guess: two `thinkfast init` runs
+    "prm_record_s": 5,             # guess: hashing the committed default PRM (1.1 MB)
+    "prm_train_s": 360,            # README, Default PRM: `thinkfast prm train` took 352 s in all
+    "distill_setup_s": 60,         # guess: data, tokenization, decontamination, held-out evaluation per run
+    "distill_stage_s": 45,         # guess: torch.compile warm-up and checkpoints per distillation stage
+    "tokens_per_s": {              # distillation trainer throughput by (recipe, stage)
+        ("mambainllama", "kd"): 103_000,  # README, Distillation: bench_distill.py, chunked KL, compiled, micro 16
+        ("llamba", "kd"): 58_000,         # the same bench, Llamba: 57,767 tok/s
+        ("llamba", "hidden"): 58_000,     # guess: as kd (student fwd+bwd + teacher fwd, no vocab-wide loss)
+        ("llamba", "matrix"): 30_000,     # guess: eager attention and L x L mixing matrices at seq 512
+    },
+    "gsm8k_sampling_s": 150,       # lead: 500 x 64 x <= 400 tokens ~2.5 min per model (README: 157 s worst case)
+    "math_sampling_s": 375,        # lead: MATH-500 at 1024 max tokens ~2.5x GSM8K (scaled by max tokens)
+    "prm_scoring_s": 36,           # README, Default PRM: scoring 500 x 64 GSM8K-length completions, 36.3 s
+    "eval_task_s": 60,             # guess: lm_eval start, model load, CUDA graphs, answer checking, per task
+    "bench_s": 390,                # lead: `thinkfast bench` ~6.5 min (HF generate rows are most of it)
+    "leaderboard_s": 30,           # guess: tables and plots
+}
+TASK_GEN_TOKS = {"gsm8k500_bon": 400, "math500_bon": 1024}  # the task YAMLs' max_gen_toks
+
+
+def estimate_seconds(repro: "Reproduction", stage: str) -> float:
+    """The stage's expected H100 seconds under the run's budget (see H100_ESTIMATES)."""
+    e, b = H100_ESTIMATES, repro.budget
+    if stage in ("teacher", "init", "bench", "leaderboard"):
+        seconds = e[f"{stage}_s"]
+    elif stage == "prm":
+        seconds = e["prm_train_s"] if repro.prm_choice == "train" else e["prm_record_s"]
+    elif stage.startswith("distill-"):
+        student = repro.student(stage)
+        stages = repro.distill_stage_budgets(student)
+        seconds = e["distill_setup_s"] + sum(
+            e["distill_stage_s"] + (override if override is not None else tokens)
+            / e["tokens_per_s"].get((student.recipe, name), 58_000)
+            for name, (tokens, override) in stages.items())
+    elif stage.startswith("eval-"):
+        scale = b.n / 64 * (b.limit or 500) / 500
+        seconds = 0.0
+        for task in TASKS:
+            length = (b.gen_toks(task) or TASK_GEN_TOKS[task]) / TASK_GEN_TOKS[task]
+            sampling = e["gsm8k_sampling_s"] if task.startswith("gsm8k") else e["math_sampling_s"]
+            scoring = e["prm_scoring_s"] * (b.gen_toks(task) or TASK_GEN_TOKS[task]) / 400
+            seconds += e["eval_task_s"] + scale * (sampling * length
+                                                    + (scoring if repro.prm_choice != "none" else 0))
+    else:
+        raise ValueError(f"unknown stage {stage!r}")
+    return float(seconds + e["worker_start_s"])
+
+
+def critical_paths(durations: dict[str, float], deps: dict[str, tuple[str, ...]]) -> dict[str, float]:
+    """Each job's own duration plus the longest chain of jobs that wait for it: the list scheduler's priority."""
+    waiting = {j: [k for k in durations if j in deps[k]] for j in durations}
+    memo: dict[str, float] = {}
+
+    def longest(job: str) -> float:
+        if job not in memo:
+            memo[job] = durations[job] + max((longest(k) for k in waiting[job]), default=0.0)
+        return memo[job]
+
+    return {j: longest(j) for j in durations}
+
+
+def by_priority(jobs, priority: dict[str, float]) -> list[str]:
+    """Longest remaining chain first; ties in pipeline order."""
+    rank = {s: i for i, s in enumerate(STAGES)}
+    return sorted(jobs, key=lambda j: (-priority[j], rank.get(j, len(rank)), j))
+
+
+def simulate(durations: dict[str, float], deps: dict[str, tuple[str, ...]], n_devices: int,
+             done: frozenset = frozenset()) -> dict[str, tuple[int | None, float, float]]:
+    """Greedy list scheduling as Scheduler does it: job -> (device, start, end); `done` jobs take no device."""
+    priority = critical_paths(durations, deps)
+    placed = {j: (None, 0.0, 0.0) for j in done}
+    free, running, now = list(range(n_devices)), [], 0.0
+    pending = [j for j in durations if j not in done]
+    while pending or running:
+        for job in by_priority([j for j in pending if all(d in placed and placed[d][2] <= now for d in deps[j])],
+                               priority):
+            if not free:
+                break
+            device = free.pop(0)
+            placed[job] = (device, now, now + durations[job])
+            running.append(job)
+            pending.remove(job)
+        if not running:  # what is left waits on a job outside the plan
+            break
+        job = min(running, key=lambda j: placed[j][2])
+        running.remove(job)
+        now = placed[job][2]
+        free = sorted(free + [placed[job][0]])
+    return placed
+
+
+def clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def plan_report(repro: "Reproduction", order: list[str], deps: dict[str, tuple[str, ...]], n_devices: int,
+                done: frozenset = frozenset(), cuda_label: bool = True) -> str:
+    durations = {s: 0.0 if s in done else estimate_seconds(repro, s) for s in order}
+    placed = simulate(durations, deps, n_devices, done)
+    lines = ["stage DAG (-> waits for; * soft: used when finished):"]
+    for stage in order:
+        hard = [d for d in repro.dependencies(stage)]
+        soft = [f"{d}*" for d in repro.soft_dependencies(stage) if d in order]
+        lines.append(f"  {stage:<15} -> {', '.join(hard + soft) or '-'}")
+    b = repro.budget
+    lines.append(f"greedy list schedule on {n_devices} device(s), budget {b.name}, H100 estimates "
+                 f"(H100_ESTIMATES in harness_ext/reproduce.py):")
+    lines.append(f"  {'stage':<15} {'device':<7} {'start':>6} {'end':>6} {'takes':>6}")
+    for stage in sorted(order, key=lambda s: (placed.get(s, (0, 1e9, 0))[1], STAGES.index(s))):
+        if stage in done:
+            lines.append(f"  {stage:<15} {'-':<7} {'':>6} {'':>6} {'done':>6}")
+        elif stage not in placed:
+            lines.append(f"  {stage:<15} {'-':<7} waits for a stage outside --stages")
+        else:
+            device, start, end = placed[stage]
+            label = f"cuda:{device}" if cuda_label else f"cpu:{device}"
+            lines.append(f"  {stage:<15} {label:<7} {clock(start):>6} {clock(end):>6} {clock(end - start):>6}")
+    total = max((end for _, _, end in placed.values()), default=0.0)
+    # the chain that sets the wall-clock: walk back from the last job through the dependency that ends last
+    chain, job = [], max(placed, key=lambda j: placed[j][2], default=None)
+    while job is not None and job not in done:
+        chain.append(job)
+        job = max((d for d in deps[job] if d in placed and d not in done), key=lambda d: placed[d][2], default=None)
+    lines.append(f"expected wall-clock: {clock(total)} (m:ss; critical path {' -> '.join(reversed(chain)) or '-'}; "
+                 f"serial: {clock(sum(durations.values()))})")
+    if b.name != "full":
+        lines.append(f"budget {b.name} differs from the paper's protocol (full): " + budget_differences(repro))
+    return "\n".join(lines)
+
+
+def budget_differences(repro: "Reproduction") -> str:
+    b, parts = repro.budget, []
+    for task in TASKS:
+        if b.gen_toks(task):
+            parts.append(f"{task} max_gen_toks {b.gen_toks(task)} (full {TASK_GEN_TOKS[task]})")
+    if b.n != FULL.n or b.limit != FULL.limit:
+        parts.append(f"N = {b.n}, {b.limit or 500} problems per task (full 64, 500)")
+    for student in STUDENTS.values():
+        for name, (tokens, override) in repro.distill_stage_budgets(student).items():
+            if override is not None:
+                parts.append(f"{student.recipe} {name} {override:,} tokens (recipe {tokens:,})")
+    return "; ".join(parts) or "nothing"
+
+
+# ----------------------------------------------------------------------------- the scheduler
+
+@dataclasses.dataclass
+class Launch:
+    """How to run one job: its command (in its own process group) and the log to name when it fails."""
+    cmd: list[str]
+    log: Path
+    env: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Device:
+    label: str    # what the console shows: cuda:1, cpu:0
+    visible: str  # CUDA_VISIBLE_DEVICES for the job ("" hides every GPU)
+
+
+def devices_for(n: int, cuda: bool) -> list[Device]:
+    """n job slots. CUDA: the i-th visible GPU each (respecting a CUDA_VISIBLE_DEVICES the parent was given)."""
+    if not cuda:
+        return [Device(f"cpu:{i}", "") for i in range(n)]
+    given = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    ids = given if given else [str(i) for i in range(n)]
+    if len(ids) < n:
+        raise SystemExit(f"thinkfast reproduce: --gpus {n}, but CUDA_VISIBLE_DEVICES names only {len(ids)}")
+    return [Device(f"cuda:{i}", ids[i]) for i in range(n)]
+
+
+@dataclasses.dataclass
+class _Running:
+    name: str
+    device: Device
+    proc: subprocess.Popen
+    reader: threading.Thread | None
+    started: float
+    log: Path
+    tail: bytearray = dataclasses.field(default_factory=bytearray)
+    last_line: str = ""
+
+
+class Scheduler:
+    """Runs jobs whose dependencies have finished as soon as a device is free, longest chain first, each in its
+    own subprocess (own process group) pinned to one device through CUDA_VISIBLE_DEVICES.
+
+    prepare(job) is called when the job becomes ready and returns a Launch, or a string: the job is up to date
+    (the string says why) and takes no device. It may raise StageError: the job fails without starting.
+    finish(job, returncode, output_tail) returns None when the job succeeded, else the error to report.
+    tolerate(job) -> True: a failure of this job does not stop the run (its dependants start anyway).
+    A failure stops new launches; running jobs finish; then run() returns 1. Ctrl-C (or SIGTERM) kills every
+    job's process group and returns 130. echo=True streams job output to the console (one device: it reads like
+    a serial run); otherwise the console gets a start / finish line per job and a status line every heartbeat_s.
+    """
+
+    def __init__(self, jobs: list[str], deps: dict[str, tuple[str, ...]], priority: dict[str, float],
+                 devices: list[Device], prepare, finish=None, tolerate=None, estimates: dict[str, float] | None = None,
+                 echo: bool = False, heartbeat_s: float = 60.0, poll_s: float = 0.1, out=None, err=None):
+        self.jobs, self.deps, self.priority, self.devices = list(jobs), deps, priority, list(devices)
+        self.prepare, self.finish = prepare, finish or self.default_finish
+        self.tolerate = tolerate or (lambda job: False)
+        self.estimates = estimates or {}
+        self.echo, self.heartbeat_s, self.poll_s = echo, heartbeat_s, poll_s
+        self.out, self.err = out or sys.stdout, err or sys.stderr
+        self.status: dict[str, str] = {}
+        self.where: dict[str, str] = {}       # job -> device label it ran on
+        self.errors: dict[str, str] = {}      # job -> error message
+        self.logs: dict[str, Path] = {}
+        self._prepared: dict[str, Launch] = {}  # ready jobs waiting for a device
+        self._t0 = time.time()
+
+    @staticmethod
+    def default_finish(job: str, returncode: int, tail: str) -> str | None:
+        if returncode == 0:
+            return None
+        last = [ln for ln in tail.replace("\r", "\n").splitlines() if ln.strip()][-6:]
+        return f"exited with status {returncode}; last output:\n    " + "\n    ".join(last)
+
+    def say(self, message: str, err: bool = False) -> None:
+        stream = self.err if err else self.out
+        print(f"[reproduce +{clock(time.time() - self._t0)}] {message}", file=stream, flush=True)
+
+    def _settled(self, job: str) -> bool:
+        return self.status.get(job, "").split(" ")[0] in ("ran", "skipped", "tolerated")
+
+    def run(self) -> int:
+        running: list[_Running] = []
+        free = list(self.devices)
+        failed = False
+        next_beat = time.time() + self.heartbeat_s
+        try:
+            while True:
+                if not failed:
+                    failed = self._launch_ready(running, free)
+                if not running:
+                    break
+                time.sleep(self.poll_s)
+                for job in [r for r in running if r.proc.poll() is not None]:
+                    running.remove(job)
+                    free.append(job.device)
+                    free.sort(key=lambda d: self.devices.index(d))
+                    failed = self._finished(job, running) or failed
+                if running and not self.echo and time.time() >= next_beat:
+                    next_beat = time.time() + self.heartbeat_s
+                    self.say("running: " + "; ".join(
+                        f"{r.name}@{r.device.label} {clock(time.time() - r.started)}"
+                        + (f"/{clock(self.estimates[r.name])}" if r.name in self.estimates else "")
+                        + (f" | {r.last_line[:70]}" if r.last_line else "") for r in running))
+        except KeyboardInterrupt:
+            self._kill(running)
+            for r in running:
+                self.status[r.name] = "interrupted"
+            for job in self.jobs:
+                self.status.setdefault(job, "not run")
+            self.say("interrupted: stopped " + (", ".join(r.name for r in running) or "nothing") +
+                     "; finished stages keep their stamps, the same command resumes", err=True)
+            return 130
+        for job in self.jobs:
+            self.status.setdefault(job, "not run")
+        if failed:
+            for job, message in self.errors.items():
+                if self.status[job] == "FAILED":
+                    self.say(f"error: stage {job!r} failed: {message}" if not message.startswith("stage ")
+                             else f"error: {message}", err=True)
+                    where = f"the log is {self.logs[job]}" if job in self.logs else "it did not start"
+                    self.say(f"{where}; finished stages keep their stamps, so re-running the same command "
+                             f"resumes at {job}", err=True)
+            return 1
+        return 0
+
+    def _launch_ready(self, running: list[_Running], free: list[Device]) -> bool:
+        """Prepare every ready job, then start them, longest chain first, on the free devices; True on a failure."""
+        changed = True
+        while changed:  # a skipped (up-to-date) job can make its dependants ready at once
+            changed = False
+            ready = by_priority([j for j in self.jobs if j not in self.status
+                                 and all(self._settled(d) for d in self.deps.get(j, ()))], self.priority)
+            for job in ready:
+                if job in self._prepared:
+                    continue
+                try:
+                    launch = self.prepare(job)
+                except StageError as exc:
+                    launch = exc
+                except Exception as exc:  # noqa: BLE001 - a bug in prepare must not leave children behind
+                    launch = StageError(job, f"{type(exc).__name__}: {exc}")
+                if isinstance(launch, StageError):
+                    if self._fail(job, str(launch), None):
+                        return True
+                    changed = True
+                    break
+                if isinstance(launch, str):
+                    self.status[job] = "skipped"
+                    print(f"[reproduce] {job}: up to date ({launch}), skipped", file=self.out, flush=True)
+                    changed = True
+                    break
+                self._prepared[job] = launch
+        for job in ready:
+            if free and job in self._prepared:
+                self._start(job, self._prepared.pop(job), free.pop(0), running)
+        return False
+
+    def _start(self, job: str, launch: Launch, device: Device, running: list[_Running]) -> None:
+        self.logs[job] = launch.log
+        self.where[job] = device.label
+        self.status[job] = "running"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **launch.env, "CUDA_VISIBLE_DEVICES": device.visible}
+        proc = subprocess.Popen(launch.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)  # its own process group: Ctrl-C reaches it through us
+        entry = _Running(job, device, proc, None, time.time(), launch.log)
+
+        def pump():
+            while True:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                if self.echo:
+                    stream = getattr(self.out, "buffer", None)
+                    if stream is not None:
+                        self.out.flush()
+                        stream.write(chunk)
+                        stream.flush()
+                    else:
+                        self.out.write(chunk.decode(errors="replace"))
+                entry.tail.extend(chunk)
+                del entry.tail[:-8000]
+                lines = [ln for ln in chunk.decode(errors="replace").replace("\r", "\n").splitlines() if ln.strip()]
+                if lines:
+                    entry.last_line = lines[-1].strip()
+
+        entry.reader = threading.Thread(target=pump, name=f"reproduce-{job}", daemon=True)
+        entry.reader.start()
+        running.append(entry)
+        estimate = f" (estimate {clock(self.estimates[job])})" if job in self.estimates else ""
+        self.say(f"{job} started on {device.label}{estimate}; log {launch.log}")
+
+    def _finished(self, entry: _Running, running: list[_Running]) -> bool:
+        entry.reader.join(timeout=10)
+        seconds = time.time() - entry.started
+        try:
+            error = self.finish(entry.name, entry.proc.returncode, entry.tail.decode(errors="replace"))
+        except Exception as exc:  # noqa: BLE001
+            error = f"{type(exc).__name__} while reading its result: {exc}"
+        others = ", ".join(f"{r.name}@{r.device.label}" for r in running) or "none"
+        if error is None:
+            self.status[entry.name] = "ran"
+            self.say(f"{entry.name} finished on {entry.device.label} in {clock(seconds)} "
+                     f"({sum(self._settled(j) for j in self.jobs)}/{len(self.jobs)} done; running: {others})")
+            return False
+        return self._fail(entry.name, error, seconds)
+
+    def _fail(self, job: str, message: str, seconds: float | None) -> bool:
+        self.errors[job] = message
+        if self.tolerate(job):
+            self.status[job] = "tolerated (failed)"
+            self.say(f"warning: {job} failed, continuing without it: {message.splitlines()[0]}")
+            return False
+        self.status[job] = "FAILED"
+        took = f" after {clock(seconds)}" if seconds is not None else ""
+        self.say(f"{job} FAILED{took}: no new stages start; waiting for the running ones", err=True)
+        return True
+
+    def _kill(self, running: list[_Running]) -> None:
+        for r in running:
+            try:
+                os.killpg(r.proc.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.time() + 10
+        for r in running:
+            try:
+                r.proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(r.proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                r.proc.wait()
+
+
+# ----------------------------------------------------------------------------- one stage in its own process
+
+WORKERS = ".workers"  # <workdir>/.workers/<stage>.json: a stage process's result, read by the scheduler
+
+
+def worker_command(repro: Reproduction, stage: str, force: bool) -> list[str]:
+    config = {"workdir": str(repro.workdir), "teacher": repro.teacher_spec, "budget": repro.budget.to_json(),
+              "smoke": repro.smoke, "device": repro.device, "prm": repro.prm_choice,
+              "publish": str(repro.publish) if repro.publish else None, "seed": repro.seed}
+    return [sys.executable, "-m", "harness_ext.reproduce", "--worker", json.dumps(config), stage,
+            *(["--force"] if force else [])]
+
+
+def worker_main(argv: list[str]) -> int:
+    """`python -m harness_ext.reproduce --worker CONFIG STAGE [--force]`: run one stage (what the scheduler starts)."""
+    if len(argv) < 3 or argv[0] != "--worker":
+        print("usage: python -m harness_ext.reproduce --worker CONFIG_JSON STAGE [--force] "
+              "(started by `thinkfast reproduce`; run that instead)", file=sys.stderr)
+        return 2
+    config, stage, force = json.loads(argv[1]), argv[2], "--force" in argv[3:]
+    repro = Reproduction(Path(config["workdir"]), config["teacher"], Budget.from_json(config["budget"]),
+                         config["smoke"], config["device"], config["prm"],
+                         Path(config["publish"]) if config["publish"] else None, config["seed"])
+    result = repro.workdir / WORKERS / f"{stage}.json"
+    try:
+        repro.run_stage(stage, force=force)
+    except StageError as exc:
+        atomic_write_json(result, {"stage": stage, "status": "failed", "error": str(exc)})
+        print(f"[reproduce] error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    atomic_write_json(result, {"stage": stage, "status": repro.ran[stage]})
+    return 0
+
+
+class StageRunner:
+    """The Scheduler's callbacks for a Reproduction: up-to-date checks, worker commands, reading results."""
+
+    def __init__(self, repro: Reproduction, forced: list[str]):
+        self.repro, self.forced = repro, set(forced)
+
+    def prepare(self, stage: str) -> Launch | str:
+        repro = self.repro
+        if stage not in self.forced and repro.valid_stamp(stage):
+            return str(repro.stage_dir(stage) / STAMP)
+        for dep in repro.dependencies(stage):
+            repro.upstream(stage, dep)  # a missing upstream stage fails here, named, before a process starts
+        repro.inputs(stage)
+        (repro.workdir / WORKERS / f"{stage}.json").unlink(missing_ok=True)
+        return Launch(worker_command(repro, stage, stage in self.forced), repro.stage_dir(stage) / "log.txt")
+
+    def finish(self, stage: str, returncode: int, tail: str) -> str | None:
+        result = read_json(self.repro.workdir / WORKERS / f"{stage}.json") or {}
+        if returncode == 0 and result.get("status") in ("ran", "skipped"):
+            return None
+        if result.get("error"):
+            return result["error"]
+        return Scheduler.default_finish(stage, returncode or 1, tail) + (
+            "\n    (the stage process wrote no result)" if not result else "")
+
+    def tolerate(self, stage: str) -> bool:
+        # a trained PRM is optional in --smoke: evaluation then runs without one (bon / weighted_bon as n/a)
+        if stage == "prm" and self.repro.smoke and self.repro.prm_choice == "train":
+            print("[reproduce] smoke run: evaluating without a PRM (bon / weighted_bon shown as n/a)", flush=True)
+            return True
+        return False
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def parse_stage_list(text: str, what: str) -> list[str]:
@@ -663,81 +1233,132 @@ def parse_stage_list(text: str, what: str) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default=None,
-                        help="one folder per stage (default: runs/reproduce, or runs/reproduce-smoke with --smoke)")
+                        help="one folder per stage (default: runs/reproduce, runs/reproduce-fast with --budget fast, "
+                             "runs/reproduce-smoke with --smoke)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny budgets on CPU, minutes (implied when there is no CUDA device)")
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="full",
+                        help="full: the paper's protocol (default); fast: fits one 30-minute lease on 4 GPUs "
+                             "(Llamba MOHAWK 24M instead of 60M tokens, MATH-500 at 512 instead of 1024 new tokens)")
+    parser.add_argument("--gpus", type=int, default=None,
+                        help="devices to spread stages over, one stage per device (default: every visible CUDA "
+                             "device; 1 on CPU)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the stage DAG, the device schedule and the expected wall-clock from H100 "
+                             "estimates; run nothing")
     parser.add_argument("--stages", default=",".join(STAGES),
-                        help=f"comma-separated subset to run, in pipeline order (default: all: {','.join(STAGES)})")
+                        help=f"comma-separated subset to run (default: all: {','.join(STAGES)})")
     parser.add_argument("--force", action="append", default=[], metavar="STAGE",
                         help="re-run these stages from scratch even if finished (repeat or comma-separate)")
     parser.add_argument("--teacher", default=DEFAULT_TEACHER,
                         help="embedded teacher name, HF Llama id or checkpoint directory (default: %(default)s)")
-    parser.add_argument("--prm", default="train",
-                        help="'train': the prm stage's PRM (default); 'none': no PRM; or a PRM for load_prm "
-                             "('default', a hub id or a directory)")
+    parser.add_argument("--prm", default="default",
+                        help="the PRM the evaluations use: 'default' (the committed one, harness_ext/assets/prm), "
+                             "a directory or hub id for load_prm, or 'none'; the prm stage records which")
+    parser.add_argument("--train-prm", action="store_true",
+                        help="train the PRM in the prm stage (`thinkfast prm train`, ~6 min of H100) instead")
     parser.add_argument("--publish", default=None, help="also copy the leaderboard files into this folder")
     parser.add_argument("--n", type=int, default=None, help="samples per problem (default 64; smoke 4)")
     parser.add_argument("--limit", type=int, default=None, help="problems per task (default all 500; smoke 2)")
     parser.add_argument("--max-gen-toks", type=int, default=None,
-                        help="max new tokens per completion (default: the task's, GSM8K 400 / MATH 1024; smoke 24)")
+                        help="max new tokens per completion, every task (default: the budget's, else the task's: "
+                             "GSM8K 400 / MATH 1024; smoke 24)")
+    parser.add_argument("--heartbeat", type=float, default=60.0, help="seconds between status lines (default 60)")
     parser.add_argument("--seed", type=int, default=0)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    cuda = torch.cuda.is_available()
     smoke = bool(args.smoke)
-    if not smoke and not torch.cuda.is_available():
+    if args.smoke and args.budget != "full":
+        raise SystemExit(f"thinkfast reproduce: --smoke and --budget {args.budget}: choose one")
+    if not smoke and not cuda and not args.plan:  # a plan is H100 arithmetic: it needs no GPU
         smoke = True
         print("[reproduce] no CUDA device: running the --smoke reproduction (CPU, tiny budgets: a few "
               "distillation steps, 2 problems per task, N = 4). The full run needs a GPU.", flush=True)
-    device = "cuda" if (torch.cuda.is_available() and not smoke) else "cpu"
-    budget = SMOKE if smoke else FULL
+    device = "cuda" if (cuda or args.plan) and not smoke else "cpu"
+    budget = SMOKE if smoke else BUDGETS[args.budget]
     overrides = {k: v for k, v in (("n", args.n), ("limit", args.limit), ("max_gen_toks", args.max_gen_toks))
                  if v is not None}
     for k, v in overrides.items():
         if v < 1:
             raise SystemExit(f"thinkfast reproduce: --{k.replace('_', '-')} must be positive, got {v}")
     budget = dataclasses.replace(budget, **overrides)
+    visible = torch.cuda.device_count() if cuda and not smoke else 0
+    gpus = args.gpus if args.gpus is not None else (visible or 1)
+    if gpus < 1:
+        raise SystemExit(f"thinkfast reproduce: --gpus must be positive, got {gpus}")
+    if device == "cuda" and not args.plan and gpus > visible:
+        raise SystemExit(f"thinkfast reproduce: --gpus {gpus}, but only {visible} CUDA device(s) are visible")
+    prm = "train" if args.train_prm or args.prm == "train" else args.prm
+    if args.train_prm and args.prm not in ("default", "train"):
+        raise SystemExit(f"thinkfast reproduce: --train-prm and --prm {args.prm}: choose one")
     selected = parse_stage_list(args.stages, "--stages")
     forced = [s for item in args.force for s in parse_stage_list(item, "--force")]
     not_selected = [s for s in forced if s not in selected]
     if not_selected:
         raise SystemExit(f"thinkfast reproduce: --force {','.join(not_selected)}: not among --stages {args.stages}")
-    workdir = Path(args.workdir or ("runs/reproduce-smoke" if smoke else "runs/reproduce")).resolve()
-    repro = Reproduction(workdir, args.teacher, budget, smoke, device, args.prm,
+    default_dir = "runs/reproduce-smoke" if smoke else ("runs/reproduce" if budget.name == "full"
+                                                        else f"runs/reproduce-{budget.name}")
+    workdir = Path(args.workdir or default_dir).resolve()
+    repro = Reproduction(workdir, args.teacher, budget, smoke, device, prm,
                          Path(args.publish).resolve() if args.publish else None, args.seed)
-    order = [s for s in STAGES if s in selected]
-    if args.prm != "train" and "prm" in order:
-        order.remove("prm")  # a given PRM (or none) replaces the trained one
-    print(f"[reproduce] {'smoke' if smoke else 'full'} run on {device} in {workdir}: stages {','.join(order)}"
-          f"{' (forced: ' + ','.join(forced) + ')' if forced else ''}", flush=True)
+    order = [s for s in STAGES if s in selected and not (s == "prm" and prm == "none")]
+    # soft dependencies order stages too: an evaluation waits for the PRM, the leaderboard for the bench
+    deps = {s: tuple(d for d in (*repro.dependencies(s), *repro.soft_dependencies(s)) if d in order) for s in order}
+    estimates = {s: estimate_seconds(repro, s) for s in order}
+
+    done: set[str] = set()  # up to date now and reading only up-to-date stages (order is topological)
+    for s in order:
+        if s not in forced and all(d in done for d in deps[s]) and repro.valid_stamp(s):
+            done.add(s)
+    if args.plan:
+        print(f"[reproduce] plan for {workdir} (nothing runs):")
+        print(plan_report(repro, order, deps, gpus, frozenset(done), cuda_label=device == "cuda"))
+        return 0
+
+    slots = devices_for(gpus, device == "cuda")
+    print(f"[reproduce] {budget.name} run on {gpus} {'GPU' if device == 'cuda' else 'CPU slot'}(s) "
+          f"({', '.join(d.label for d in slots)}) in {workdir}: stages {','.join(order)}"
+          f"{' (forced: ' + ','.join(forced) + ')' if forced else ''}; PRM: "
+          f"{'trained here' if prm == 'train' else prm}", flush=True)
+    if not smoke:
+        todo = {s: 0.0 if s in done else t for s, t in estimates.items()}
+        total = max((end for _, _, end in simulate(todo, deps, gpus, frozenset(done)).values()), default=0)
+        print(f"[reproduce] expected wall-clock on H100s: {clock(total)} (m:ss; `--plan` shows the schedule)",
+              flush=True)
+    runner = StageRunner(repro, forced)
+    scheduler = Scheduler(order, deps, critical_paths(estimates, deps), slots, runner.prepare, runner.finish,
+                          runner.tolerate, estimates=None if smoke else estimates, echo=gpus == 1,
+                          heartbeat_s=args.heartbeat)
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame):  # a lease ending sends SIGTERM: stop the children as Ctrl-C would
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers: main thread only
+    if main_thread:
+        signal.signal(signal.SIGTERM, on_sigterm)
     t0 = time.time()
-    for i, stage in enumerate(order, 1):
-        print(f"[reproduce {i}/{len(order)}] {stage}", flush=True)
-        try:
-            repro.run_stage(stage, force=stage in forced)
-        except StageError as exc:
-            if stage == "prm" and smoke:
-                repro.ran[stage] = "failed (continuing without a PRM)"
-                print(f"[reproduce] warning: {exc}\n[reproduce] smoke run: evaluating without a PRM "
-                      f"(bon / weighted_bon shown as n/a)", flush=True)
-                continue
-            repro.ran[stage] = "FAILED"
-            print(f"[reproduce] error: {exc}", file=sys.stderr, flush=True)
-            print(f"[reproduce] the log is {repro.stage_dir(stage) / 'log.txt'}; finished stages keep their stamps, "
-                  f"so re-running the same command resumes at {stage}", file=sys.stderr, flush=True)
-            summary(repro, order, t0)
-            return 1
-        if repro.ran[stage] == "skipped":
-            print(f"[reproduce] {stage}: up to date ({repro.stage_dir(stage) / STAMP}), skipped", flush=True)
-    summary(repro, order, t0)
-    board = repro.valid_stamp("leaderboard") if "leaderboard" in order else None
+    try:
+        code = scheduler.run()
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    summary(scheduler, order, t0)
+    board = repro.valid_stamp("leaderboard") if "leaderboard" in order and code == 0 else None
     if board:
         print(f"[reproduce] leaderboard: {board['outputs']['markdown']}", flush=True)
-    return 0
+    return code
 
 
-def summary(repro: Reproduction, order: list[str], t0: float) -> None:
-    parts = [f"{s}={repro.ran.get(s, 'not run')}" for s in order]
+def summary(scheduler: Scheduler, order: list[str], t0: float) -> None:
+    parts = [f"{s}={scheduler.status.get(s, 'not run')}" + (f"@{scheduler.where[s]}" if s in scheduler.where else "")
+             for s in order]
     print(f"[reproduce] summary ({time.time() - t0:.1f}s): " + ", ".join(parts), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv[1:]))

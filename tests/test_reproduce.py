@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from harness_ext import reproduce as R
 REPO = Path(__file__).resolve().parents[1]
 
 
-def cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+def cli(*args: str, timeout: float = 2400) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "harness_ext.cli", "reproduce", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -89,21 +90,210 @@ def test_missing_dependency_stops_with_the_stage_named(tmp_path):
     assert not (tmp_path / "init" / R.STAMP).exists()
 
 
+# ----------------------------------------------------------------------------- the scheduler, with fake stages
+
+
+def fake_stage(tmp_path: Path, name: str, script: str) -> R.Launch:
+    """A stage that runs a shell script in tmp_path; $DONE is its stamp (what makes it 'finished' on resume)."""
+    log = tmp_path / f"{name}.log"
+    cmd = ["sh", "-c", f"cd {tmp_path} && {{ {script} ; }} > {log} 2>&1 && touch {name}.done"]
+    return R.Launch(cmd, log)
+
+
+def fake_scheduler(tmp_path, scripts: dict, deps: dict, devices=2, priority=None, tolerate=None, out=None):
+    import io
+
+    def prepare(name):
+        if (tmp_path / f"{name}.done").exists():
+            return f"{name}.done"
+        return fake_stage(tmp_path, name, scripts[name])
+
+    def finish(name, rc, tail):
+        if rc == 0:
+            return None
+        return f"exited with status {rc}; see {tmp_path / (name + '.log')}"
+
+    out, err = out or io.StringIO(), io.StringIO()
+    sched = R.Scheduler(list(scripts), deps, priority or {n: 1.0 for n in scripts}, R.devices_for(devices, cuda=True),
+                        prepare, finish, tolerate, heartbeat_s=0.3, poll_s=0.02, out=out, err=err)
+    return sched, out, err
+
+
+def test_scheduler_respects_dependencies_and_runs_stages_concurrently(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    # a and b can only both finish if they overlap: each waits (up to 20 s) for the other's start file
+    wait_for = "i=0; until [ -f {0} ]; do sleep 0.05; i=$((i+1)); [ $i -gt 400 ] && exit 3; done"
+    scripts = {
+        "root": "echo $CUDA_VISIBLE_DEVICES > root.dev",
+        "a": "touch a.started; " + wait_for.format("b.started") + "; test -f root.done; echo $CUDA_VISIBLE_DEVICES > a.dev",
+        "b": "touch b.started; " + wait_for.format("a.started") + "; test -f root.done; echo $CUDA_VISIBLE_DEVICES > b.dev",
+        "join": "test -f a.done && test -f b.done",
+    }
+    deps = {"root": (), "a": ("root",), "b": ("root",), "join": ("a", "b")}
+    sched, out, err = fake_scheduler(tmp_path, scripts, deps)
+    assert sched.run() == 0, err.getvalue() + out.getvalue()
+    assert sched.status == {"root": "ran", "a": "ran", "b": "ran", "join": "ran"}
+    # each stage saw exactly one GPU, and the two concurrent ones saw different GPUs
+    devs = {n: (tmp_path / f"{n}.dev").read_text().strip() for n in ("root", "a", "b")}
+    assert {devs["a"], devs["b"]} == {"0", "1"} and devs["root"] in ("0", "1")
+    text = out.getvalue()
+    assert "a started on cuda:" in text and "b started on cuda:" in text and "join finished on cuda:" in text
+    # resume: everything is finished now, so nothing starts and nothing takes a device
+    sched, out, _ = fake_scheduler(tmp_path, scripts, deps)
+    assert sched.run() == 0
+    assert set(sched.status.values()) == {"skipped"} and "started" not in out.getvalue()
+    assert "[reproduce] join: up to date (join.done), skipped" in out.getvalue()
+
+
+def test_scheduler_failure_stops_new_stages_and_names_the_log(tmp_path):
+    scripts = {
+        "slow": "sleep 1.5; touch slow.ok",               # running when `bad` fails: allowed to finish
+        "bad": "echo boom; exit 7",
+        "after-bad": "touch after-bad.ran",                 # depends on bad: never starts
+        "later": "touch later.ran",                         # independent but lower priority: no new starts
+    }
+    deps = {"slow": (), "bad": (), "after-bad": ("bad",), "later": ("slow",)}
+    priority = {"slow": 3.0, "bad": 2.0, "after-bad": 1.0, "later": 1.0}
+    sched, out, err = fake_scheduler(tmp_path, scripts, deps, priority=priority)
+    assert sched.run() == 1
+    assert sched.status == {"slow": "ran", "bad": "FAILED", "after-bad": "not run", "later": "not run"}
+    assert (tmp_path / "slow.ok").exists() and not (tmp_path / "later.ran").exists()
+    assert not (tmp_path / "after-bad.ran").exists()
+    message = err.getvalue()
+    assert "error: stage 'bad' failed: exited with status 7" in message
+    assert f"the log is {tmp_path / 'bad.log'}" in message
+    assert (tmp_path / "bad.log").read_text().strip() == "boom"
+    # resume after fixing the stage: finished ones are skipped, the rest run
+    scripts["bad"] = "echo fixed"
+    sched, out, err = fake_scheduler(tmp_path, scripts, deps, priority=priority)
+    assert sched.run() == 0, err.getvalue()
+    assert sched.status == {"slow": "skipped", "bad": "ran", "after-bad": "ran", "later": "ran"}
+
+
+def test_scheduler_priority_and_tolerated_failure(tmp_path):
+    # one device: the longest chain goes first whatever the listed order; a tolerated failure lets dependants run
+    scripts = {"short": "echo short >> order.txt", "long": "echo long >> order.txt",
+               "optional": "exit 1", "uses-optional": "echo uses >> order.txt"}
+    deps = {"short": (), "long": (), "optional": (), "uses-optional": ("optional",)}
+    durations = {"short": 1.0, "long": 5.0, "optional": 0.5, "uses-optional": 0.5}
+    priority = R.critical_paths(durations, deps)
+    sched, _, _ = fake_scheduler(tmp_path, scripts, deps, devices=1, priority=priority,
+                                 tolerate=lambda name: name == "optional")
+    assert sched.run() == 0
+    assert (tmp_path / "order.txt").read_text().split() == ["long", "short", "uses"]
+    assert sched.status["optional"].startswith("tolerated")
+
+
+def test_scheduler_interrupt_kills_the_stage_processes(tmp_path):
+    import threading
+
+    scripts = {"forever": "echo $$ > forever.pid; sleep 60"}
+    sched, _, err = fake_scheduler(tmp_path, scripts, {"forever": ()})
+    pid_file = tmp_path / "forever.pid"
+
+    def interrupt():
+        for _ in range(400):
+            if pid_file.exists() and pid_file.read_text().strip():
+                break
+            time.sleep(0.05)
+        import _thread
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    t0 = time.time()
+    assert sched.run() == 130
+    assert time.time() - t0 < 30 and sched.status["forever"] == "interrupted"
+    pid = int(pid_file.read_text())
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):  # the stage's shell (and its sleep) are gone
+        os.kill(pid, 0)
+    assert "interrupted: stopped forever" in err.getvalue()
+
+
+def test_simulated_schedule_is_greedy_by_critical_path():
+    durations = {"a": 1.0, "long": 10.0, "b": 2.0, "after": 3.0}
+    deps = {"a": (), "long": ("a",), "b": ("a",), "after": ("long", "b")}
+    placed = R.simulate(durations, deps, 2)
+    assert placed["a"] == (0, 0.0, 1.0)
+    assert placed["long"][1] == 1.0 and placed["b"][1] == 1.0 and placed["long"][0] != placed["b"][0]
+    assert placed["after"][1:] == (11.0, 14.0)
+    assert R.simulate(durations, deps, 1)["after"][2] == 16.0  # serial: the sum
+
+
+def test_plan_prints_dag_schedule_and_fits_a_lease_on_four_gpus(tmp_path, capsys):
+    assert R.run(parse("--plan", "--gpus", "4", "--budget", "fast", "--workdir", str(tmp_path))) == 0
+    text = capsys.readouterr().out
+    assert "eval-llamba     -> distill-llamba, prm*" in text
+    assert "leaderboard     -> eval-teacher, eval-mil, eval-llamba, bench*" in text
+    for stage in R.STAGES:
+        assert f"\n  {stage:<15} cuda:" in text, stage
+    total = re.search(r"expected wall-clock: (\d+):(\d\d)", text)
+    assert int(total.group(1)) * 60 + int(total.group(2)) < 25 * 60
+    assert "critical path teacher -> init -> distill-llamba -> eval-llamba -> leaderboard" in text
+    assert "math500_bon max_gen_toks 512 (full 1024)" in text and "llamba kd 16,000,000 tokens" in text
+    assert not any(tmp_path.iterdir())  # nothing ran
+
+    # the full protocol: same DAG, longer; one GPU: the serial sum
+    assert R.run(parse("--plan", "--gpus", "4", "--workdir", str(tmp_path))) == 0
+    full = capsys.readouterr().out
+    assert "budget full" in full and "differs from the paper" not in full
+    seconds = lambda t: (lambda m: int(m.group(1)) * 60 + int(m.group(2)))(re.search(r"expected wall-clock: (\d+):(\d\d)", t))  # noqa: E731
+    assert seconds(full) > seconds(text)
+    assert R.run(parse("--plan", "--gpus", "1", "--workdir", str(tmp_path))) == 0
+    serial = capsys.readouterr().out
+    assert re.search(r"expected wall-clock: (\d+:\d\d) .*serial: \1\)", serial)
+
+
+def test_default_prm_is_recorded_not_trained(tmp_path):
+    repro = R.Reproduction(tmp_path, R.DEFAULT_TEACHER, R.FULL, smoke=False, device="cuda", prm="default")
+    assert repro.dependencies("prm") == ()  # nothing to wait for
+    inputs = repro.inputs("prm")
+    from harness_ext.scoring.prm import ASSETS_DIR, MANIFEST
+    manifest = json.loads((ASSETS_DIR / MANIFEST).read_text())
+    assert inputs["identity"]["weights_sha256"] == manifest["weights_sha256"]
+    assert inputs["identity"]["prm_manifest.json_sha256"] == R.file_sha256(ASSETS_DIR / MANIFEST)
+    outputs, commands, extra = repro.stage_prm(tmp_path)
+    assert outputs["prm"] == "default" and extra["prm_metrics"] == manifest["metrics"]
+    assert commands == ["load_prm('default')"]
+    trained = R.Reproduction(tmp_path, R.DEFAULT_TEACHER, R.FULL, smoke=False, device="cuda", prm="train")
+    assert trained.dependencies("prm") == ("teacher",)
+    # the fast budget changes only what it says
+    fast = R.Reproduction(tmp_path, R.DEFAULT_TEACHER, R.FAST, smoke=False, device="cuda", prm="default")
+    cmd = fast.lm_eval_cmd("llamba", Path("/c"), "math500_bon", "default", tmp_path)
+    assert cmd[cmd.index("--gen_kwargs") + 1] == "temperature=0.8,max_gen_toks=512"
+    cmd = fast.lm_eval_cmd("llamba", Path("/c"), "gsm8k500_bon", "default", tmp_path)
+    assert cmd[cmd.index("--gen_kwargs") + 1] == "temperature=0.8"
+    assert [a for a in fast.distill_args(R.STUDENTS["llamba"], Path("OUT")) if a.startswith("stages.")] == [
+        "stages.matrix.max_tokens=2000000", "stages.hidden.max_tokens=6000000", "stages.kd.max_tokens=16000000"]
+    assert not [a for a in fast.distill_args(R.STUDENTS["mil"], Path("OUT")) if a.startswith("stages.")]
+    assert R.Budget.from_json(json.loads(json.dumps(R.FAST.to_json()))) == R.FAST
+
+
 # ----------------------------------------------------------------------------- the smoke reproduction
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
+def smoke_run():
+    import shutil
+    import tempfile
+
     import torch
 
-    workdir = tmp_path_factory.mktemp("reproduce")
+    # not under pytest's basetemp: another pytest session on the machine prunes old basetemps, which deleted a
+    # workdir in the middle of this (many-minute) run once
+    workdir = Path(tempfile.mkdtemp(prefix="thinkfast-reproduce-smoke-"))
+    yield from _smoke_run(workdir, torch.cuda.is_available())
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _smoke_run(workdir: Path, cuda: bool):
     # no GPU here: leaving out --smoke checks that it is implied; with a GPU, ask for it explicitly
-    args = ["--workdir", str(workdir)] + (["--smoke"] if torch.cuda.is_available() else [])
+    args = ["--workdir", str(workdir)] + (["--smoke"] if cuda else [])
     t0 = time.time()
     result = cli(*args)
     print(f"smoke reproduction: {time.time() - t0:.0f}s")
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
-    return workdir, result
+    yield workdir, result
 
 
 @pytest.mark.slow
@@ -197,7 +387,10 @@ def test_failing_stage_names_itself_and_keeps_earlier_stamps(smoke_run):
     before = stamps(workdir)
     config.write_text("{ not json")
     try:
-        result = cli("--smoke", "--workdir", str(workdir), "--stages", "eval-mil,eval-llamba", "--force", "eval-mil")
+        # both forced, one device, equal priority: eval-mil starts first (pipeline order), and its failure keeps
+        # eval-llamba from starting (an up-to-date, unforced stage would be reported as skipped instead)
+        result = cli("--smoke", "--workdir", str(workdir), "--stages", "eval-mil,eval-llamba",
+                     "--force", "eval-mil,eval-llamba")
     finally:
         config.write_text(good)
     assert result.returncode == 1
