@@ -209,6 +209,7 @@ def test_data_parallel_processes_split_the_documents(tiny_student, tmp_path):
 
 def test_samples_carry_answers_correctness_and_prm_scores(cli_run):
     from harness_ext.scoring.answers import extract_answer, is_equiv
+    from harness_ext.scoring.prm import split_steps
 
     _, results, samples = cli_run
     parsed = 0
@@ -224,8 +225,10 @@ def test_samples_carry_answers_correctness_and_prm_scores(cli_run):
                 assert (record["answer"] is None) == (record["class"] is None)
                 parsed += record["answer"] is not None
                 if task.endswith("_prm"):
-                    assert record["prm_steps"] and all(0.0 <= s <= 1.0 for s in record["prm_steps"])
-                    assert record["prm_score"] == pytest.approx(min(record["prm_steps"]))
+                    assert all(0.0 <= s <= 1.0 for s in record["prm_steps"])
+                    # one score per step; a completion without steps (e.g. EOS first) scores 0, never the best
+                    assert len(record["prm_steps"]) == len(split_steps(text))
+                    assert record["prm_score"] == pytest.approx(min(record["prm_steps"], default=0.0))
                 else:
                     assert record["prm_steps"] is None and record["prm_score"] is None
     assert parsed > 0  # the digit-writing student gives GSM8K answers to parse
