@@ -134,6 +134,7 @@ class ModelEntry:
     commit: str | None
     bench_model: str
     bench_model_explicit: bool = False
+    protocol: str | None = None  # `thinkfast reproduce --budget` of the run; None / "full" = the paper's protocol
     tasks: dict[str, TaskResult] = field(default_factory=dict)
     generation: dict[str, dict] = field(default_factory=dict)
 
@@ -385,6 +386,7 @@ def load_models(results_dirs: list[str | Path], filter_name: str | None = None) 
             entry.bench_model = meta.get("bench_model") or meta["model"]
             entry.bench_model_explicit = bool(meta.get("bench_model"))
             entry.generation.update(meta.get("generation", {}))
+            entry.protocol = (meta.get("settings") or {}).get("budget") or entry.protocol
         commit = (meta or {}).get("commit") or data.get("git_hash")
         entry.commit = str(commit)[:7] if commit else entry.commit
         entry.date = format_date(data, path)
@@ -600,9 +602,11 @@ def build_table(models: list[ModelEntry], bench: list[BenchRow], ks: tuple[int, 
     cells, records = [], []
     for m in models:
         distill = "—" if m.role == "teacher" and not m.distillation_tokens else fmt_count(m.distillation_tokens)
-        row = [m.name, m.architecture or NA, fmt_count(m.parameters), distill]
+        # a reduced protocol (reproduce --budget fast) is named next to the model so it is never read as the paper's
+        shown = m.name if m.protocol in (None, "full") else f"{m.name} (budget {m.protocol})"
+        row = [shown, m.architecture or NA, fmt_count(m.parameters), distill]
         rec = {"model": m.name, "architecture": m.architecture, "role": m.role, "parameters": m.parameters,
-               "distillation_tokens": m.distillation_tokens}
+               "distillation_tokens": m.distillation_tokens, "protocol": m.protocol or "full"}
         for task in TASKS:
             result = m.tasks.get(task)
             values = [("pass", k) for k in ks] + [("maj", vote_k), ("weighted_bon", vote_k)]

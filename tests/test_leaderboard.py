@@ -299,3 +299,22 @@ def test_error_on_bad_meta_and_cli_exit_code(tmp_path, capsys):
     from harness_ext.cli import main
     assert main(["leaderboard", "--results", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_reduced_protocol_is_named_next_to_the_model(tmp_path):
+    """A run of `thinkfast reproduce --budget fast` never reads as the paper's protocol in the tables."""
+    run = tmp_path / "results"
+    shutil.copytree(RESULTS, run)
+    meta_path = run / "ckpt__teacher" / "thinkfast_meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["settings"] = {**meta.get("settings", {}), "budget": "fast"}
+    meta_path.write_text(json.dumps(meta))
+    out = tmp_path / "out"
+    lb.build([run], out, BENCH, ks=KS, vote_k=VOTE_K, batches=BATCHES)
+    _, rows = read_csv(out)
+    assert f"{meta['model']} (budget fast)" in rows
+    others = [name for name in rows if name != f"{meta['model']} (budget fast)"]
+    assert others and all("budget" not in name for name in others)
+    records = json.loads((out / "leaderboard.json").read_text())["models"]
+    protocols = {r["model"]: r["protocol"] for r in records}
+    assert protocols[meta["model"]] == "fast" and {protocols[n] for n in protocols if n != meta["model"]} == {"full"}
