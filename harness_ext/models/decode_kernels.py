@@ -136,6 +136,38 @@ def ssm_step_ref(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, z_bias
 
 if triton is not None:
     @triton.jit
+    def _ssm_head_update(state_ptrs, tile_ok, x, Bv, Cv, row, head, p, p_ok, headdim,
+                         dt_ptr, stride_dt_b, dt_bias_ptr, A_log_ptr, D_ptr, z_ptr, stride_z_b, z_bias_ptr,
+                         out_ptr, stride_out_b,
+                         HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, DISCRETE: tl.constexpr,
+                         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_Z_BIAS: tl.constexpr):
+        # one head of one row, given its loaded x [p], B and C [n] and its state tile's pointers: the recurrence
+        # above, the state written back in place, y (gated) stored; shared by both step kernels
+        dt = tl.load(dt_ptr + row * stride_dt_b + head).to(tl.float32)
+        if HAS_DT_BIAS:
+            dt += tl.load(dt_bias_ptr + head).to(tl.float32)
+        if DT_SOFTPLUS:
+            dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(dt, 20.0))), dt)
+        decay = tl.exp(-tl.exp(tl.load(A_log_ptr + head).to(tl.float32)) * dt)
+        state = tl.load(state_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
+        if DISCRETE:
+            inp = x
+        else:
+            inp = x * dt
+        state = state * decay + inp[:, None] * Bv[None, :]
+        tl.store(state_ptrs, state.to(state_ptrs.dtype.element_ty), mask=tile_ok)
+        y = tl.sum(state * Cv[None, :], axis=1)
+        if HAS_D:
+            y += x * tl.load(D_ptr + head).to(tl.float32)
+        if HAS_Z:
+            z = tl.load(z_ptr + row * stride_z_b + head * headdim + p, mask=p_ok, other=0.0).to(tl.float32)
+            if HAS_Z_BIAS:
+                z += tl.load(z_bias_ptr + head * headdim + p, mask=p_ok, other=0.0).to(tl.float32)
+            y = y * z * tl.sigmoid(z)
+        tl.store(out_ptr + row * stride_out_b + head * headdim + p, y.to(out_ptr.dtype.element_ty), mask=p_ok)
+
+if triton is not None:
+    @triton.jit
     def _ssm_step_kernel(state_ptr, x_ptr, dt_ptr, dt_bias_ptr, A_log_ptr, B_ptr, C_ptr, D_ptr, z_ptr, z_bias_ptr,
                          out_ptr, headdim, dstate, x_rep, b_rep, c_rep,
                          stride_state_b, stride_state_h, stride_state_p, stride_state_n,
@@ -150,35 +182,14 @@ if triton is not None:
         n = tl.arange(0, BLOCK_N)
         p_ok, n_ok = p < headdim, n < dstate
 
-        dt = tl.load(dt_ptr + row * stride_dt_b + head).to(tl.float32)
-        if HAS_DT_BIAS:
-            dt += tl.load(dt_bias_ptr + head).to(tl.float32)
-        if DT_SOFTPLUS:
-            dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(dt, 20.0))), dt)
-        decay = tl.exp(-tl.exp(tl.load(A_log_ptr + head).to(tl.float32)) * dt)
-
         x = tl.load(x_ptr + row * stride_x_b + (head // x_rep) * stride_x_h + p, mask=p_ok, other=0.0).to(tl.float32)
         Bv = tl.load(B_ptr + row * stride_B_b + (head // b_rep) * stride_B_g + n, mask=n_ok, other=0.0).to(tl.float32)
         Cv = tl.load(C_ptr + row * stride_C_b + (head // c_rep) * stride_C_g + n, mask=n_ok, other=0.0).to(tl.float32)
         state_ptrs = (state_ptr + row * stride_state_b + head * stride_state_h
                       + p[:, None] * stride_state_p + n[None, :] * stride_state_n)
-        tile_ok = p_ok[:, None] & n_ok[None, :]
-        state = tl.load(state_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
-        if DISCRETE:
-            inp = x
-        else:
-            inp = x * dt
-        state = state * decay + inp[:, None] * Bv[None, :]
-        tl.store(state_ptrs, state.to(state_ptr.dtype.element_ty), mask=tile_ok)
-        y = tl.sum(state * Cv[None, :], axis=1)
-        if HAS_D:
-            y += x * tl.load(D_ptr + head).to(tl.float32)
-        if HAS_Z:
-            z = tl.load(z_ptr + row * stride_z_b + head * headdim + p, mask=p_ok, other=0.0).to(tl.float32)
-            if HAS_Z_BIAS:
-                z += tl.load(z_bias_ptr + head * headdim + p, mask=p_ok, other=0.0).to(tl.float32)
-            y = y * z * tl.sigmoid(z)
-        tl.store(out_ptr + row * stride_out_b + head * headdim + p, y.to(out_ptr.dtype.element_ty), mask=p_ok)
+        _ssm_head_update(state_ptrs, p_ok[:, None] & n_ok[None, :], x, Bv, Cv, row, head, p, p_ok, headdim,
+                         dt_ptr, stride_dt_b, dt_bias_ptr, A_log_ptr, D_ptr, z_ptr, stride_z_b, z_bias_ptr,
+                         out_ptr, stride_out_b, HAS_DT_BIAS, DT_SOFTPLUS, DISCRETE, HAS_D, HAS_Z, HAS_Z_BIAS)
 
 
 SSM_STEP_CONFIG = {"block_p": 16, "num_warps": 4}
@@ -317,33 +328,14 @@ if triton is not None:
         cout_row = cout_ptr + row * stride_cout_b
         for i in range(0, heads_per_prog):
             head = h0 + i
-            dt = tl.load(dt_ptr + row * stride_dt_b + head).to(tl.float32)
-            if HAS_DT_BIAS:
-                dt += tl.load(dt_bias_ptr + head).to(tl.float32)
-            if DT_SOFTPLUS:
-                dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(dt, 20.0))), dt)
-            decay = tl.exp(-tl.exp(tl.load(A_log_ptr + head).to(tl.float32)) * dt)
             x = tl.load(cout_row + (head // x_rep) * headdim + p, mask=p_ok, other=0.0).to(tl.float32)
             Bv = tl.load(cout_row + d_x + (head // b_rep) * dstate + n, mask=n_ok, other=0.0).to(tl.float32)
             Cv = tl.load(cout_row + d_x + d_b + (head // c_rep) * dstate + n, mask=n_ok, other=0.0).to(tl.float32)
             state_ptrs = (state_ptr + row.to(tl.int64) * stride_state_b + head * stride_state_h
                           + p[:, None] * stride_state_p + n[None, :] * stride_state_n)
-            state = tl.load(state_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
-            if DISCRETE:
-                inp = x
-            else:
-                inp = x * dt
-            state = state * decay + inp[:, None] * Bv[None, :]
-            tl.store(state_ptrs, state.to(state_ptr.dtype.element_ty), mask=tile_ok)
-            y = tl.sum(state * Cv[None, :], axis=1)
-            if HAS_D:
-                y += x * tl.load(D_ptr + head).to(tl.float32)
-            if HAS_Z:
-                z = tl.load(z_ptr + row * stride_z_b + head * headdim + p, mask=p_ok, other=0.0).to(tl.float32)
-                if HAS_Z_BIAS:
-                    z += tl.load(z_bias_ptr + head * headdim + p, mask=p_ok, other=0.0).to(tl.float32)
-                y = y * z * tl.sigmoid(z)
-            tl.store(out_ptr + row * stride_out_b + head * headdim + p, y.to(out_ptr.dtype.element_ty), mask=p_ok)
+            _ssm_head_update(state_ptrs, tile_ok, x, Bv, Cv, row, head, p, p_ok, headdim,
+                             dt_ptr, stride_dt_b, dt_bias_ptr, A_log_ptr, D_ptr, z_ptr, stride_z_b, z_bias_ptr,
+                             out_ptr, stride_out_b, HAS_DT_BIAS, DT_SOFTPLUS, DISCRETE, HAS_D, HAS_Z, HAS_Z_BIAS)
 
 
 CONV_SSM_STEP_CONFIG = {"num_warps": 4, "block_c": 64}
