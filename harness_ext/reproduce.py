@@ -185,6 +185,8 @@ def read_json(path: Path):
 
 
 def git_commit() -> str | None:
+    if os.environ.get("THINKFAST_COMMIT"):     # a copy of the tree without .git (a remote machine) names its commit
+        return os.environ["THINKFAST_COMMIT"]
     try:
         out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=10)
