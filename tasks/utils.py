@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 from lm_eval.api.metrics import mean
 from lm_eval.api.task import ConfigurableTask
 
-from harness_ext.scoring.answers import extract_answer, group_answers, is_equiv
+from harness_ext.scoring.answers import grade_completions, grade_many
 from harness_ext.scoring.metrics import bon_metrics, ks_for
 
 log = logging.getLogger("lm_eval.thinkfast.bon")  # under lm-eval's logger, so it shares its handler and format
@@ -141,14 +141,10 @@ class ScoredSample(dict):
 
 
 def score_completions(problem: str, gold: str, completions: list[str], style: str,
-                      prm=None, prm_aggregation: str = "min") -> list[dict]:
-    """One record per completion: extracted answer, answer class, correctness, PRM step scores and score."""
-    answers = [extract_answer(text, style) for text in completions]
-    class_ids = group_answers(answers)
-    class_correct: dict[int, bool] = {}
-    for answer, cid in zip(answers, class_ids):
-        if cid is not None and cid not in class_correct:  # the class's first member stands for the class
-            class_correct[cid] = is_equiv(answer, gold)
+                      prm=None, prm_aggregation: str = "min", graded: tuple | None = None) -> list[dict]:
+    """One record per completion: extracted answer, answer class, correctness, PRM step scores and score.
+    `graded`: `grade_completions(gold, completions, style)` when already computed (`grade_many`)."""
+    answers, class_ids, class_correct = graded or grade_completions(gold, completions, style)
     step_scores: list[list[float]] | None = None
     scores: list[float | None] = [None] * len(completions)
     if prm is not None:
@@ -236,11 +232,15 @@ class BestOfNTask(ConfigurableTask):
             message = (f"{self.config.task}: no PRM configured (task option prm, e.g. --metadata "
                        f"'{{\"prm\": \"default\"}}'): bon@k and weighted_bon@k are not reported")
             log.warning(message)
-        for instance in tqdm(self._instances, desc=f"{self.config.task}: scoring", disable=len(self._instances) < 2):
+        style = self.options.answer_style
+        graded = grade_many([(inst.doc["answer"], list(inst.resps), style) for inst in self._instances],
+                            desc=f"{self.config.task}: answers")
+        for instance, grades in zip(tqdm(self._instances, desc=f"{self.config.task}: PRM" if prm else
+                                         f"{self.config.task}: records", disable=len(self._instances) < 2), graded):
             doc = instance.doc
             instance.filtered_resps[self.FILTER] = score_completions(
-                doc["problem"], doc["answer"], list(instance.resps), self.options.answer_style,
-                prm=prm, prm_aggregation=self.options.prm_aggregation)
+                doc["problem"], doc["answer"], list(instance.resps), style,
+                prm=prm, prm_aggregation=self.options.prm_aggregation, graded=grades)
         return self._instances
 
     def process_results(self, doc: dict, results: list) -> dict[str, float]:

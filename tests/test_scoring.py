@@ -110,6 +110,27 @@ def test_equivalence_off_the_main_thread():
     assert out == {"eq": True, "ne": False}
 
 
+def test_signature_shortcut_agrees_with_math_verify():
+    # is_equiv skips math-verify's `verify` for pairs whose signatures differ: on a pool of the answers small models
+    # write (numbers, fractions, radicals, polynomials, sets, intervals), every verdict equals verify's own.
+    from harness_ext.scoring.answers import _parse, _verify
+
+    rng = random.Random(0)
+    pool = sorted({a for pair in EQUIVALENT + NOT_EQUIVALENT for a in pair} | {
+        rng.choice(["%d" % rng.randint(-9, 30), "%d.%d" % (rng.randint(0, 9), rng.randint(0, 99)),
+                    "\\frac{%d}{%d}" % (rng.randint(1, 9), rng.randint(2, 9)), "%d\\sqrt{%d}" % (rng.randint(1, 4), 2),
+                    "x^2+%dx" % rng.randint(1, 3), "%dx+%d" % (rng.randint(1, 3), rng.randint(0, 2)),
+                    "\\{%d,%d\\}" % (rng.randint(1, 3), rng.randint(1, 3)), "(%d,%d]" % (rng.randint(0, 2), 3)])
+        for _ in range(30)})
+    for a, b in itertools.combinations(pool, 2):
+        na, nb = normalize_answer(a), normalize_answer(b)
+        if na is None or nb is None or na == nb:
+            continue
+        pa, pb = _parse(na), _parse(nb)
+        plain = bool(pa and pb and (_verify(pa, pb, 5) or _verify(pb, pa, 5)))
+        assert is_equiv(a, b) == plain, (a, b)
+
+
 def test_group_answers():
     answers = ["1/2", "0.5", None, "3", "\\frac{1}{2}", "3.0", "7"]
     assert group_answers(answers) == [0, 0, None, 1, 0, 1, 2]
@@ -212,3 +233,16 @@ def test_bon_metrics_without_prm_leaves_prm_metrics_out():
     assert out["maj@4"] == 1.0 and out["pass@1"] == 0.5
     with_prm = bon_metrics([0, 0, 1, None], {0: True, 1: False}, scores=[0.1, 0.2, 0.9, 0.5])
     assert with_prm["bon@4"] == 0.0 and with_prm["weighted_bon@4"] == 0.0  # 0.9 for the wrong class beats 0.3
+
+
+def test_grade_many_in_worker_processes_equals_in_process():
+    from harness_ext.scoring.answers import grade_completions, grade_many
+
+    rng = random.Random(1)
+    jobs = [("\\frac{1}{2}", ["\\boxed{%s}" % rng.choice(["\\frac{%d}{%d}" % (rng.randint(1, 3), rng.randint(2, 4)),
+                                                          "%d" % rng.randint(0, 3), "0.5", "x+%d" % rng.randint(1, 2)])
+                               for _ in range(8)] + ["no answer"], "math") for _ in range(12)]
+    forked = grade_many(jobs, workers=2)
+    assert forked == [grade_completions(*job) for job in jobs]
+    assert all(graded[0][-1] is None and graded[1][-1] is None for graded in forked)  # unparsable: no answer, no class
+    assert any(True in graded[2].values() for graded in forked)
