@@ -46,6 +46,10 @@ def test_extract_boxed(text, expected):
     ("", "gsm8k", None),
     ("I am not sure.", "gsm8k", None),
     ("#### 5\nwait, actually \\boxed{6}", "gsm8k", "6"),                         # a box beats ####
+    ("So the answer is 2+2=4.", "gsm8k", "4"),                                  # GSM8K: a stated answer that
+    ("So the answer is 2+2=4.", "math", "2+2=4"),                               # is no number -> its last number
+    ("the answer is 3 peaches", "gsm8k", "3"),
+    ("Total 12 pens. The answer is correct", "gsm8k", "12"),                    # no number stated: last in text
 ])
 def test_extract_answer(text, style, expected):
     assert extract_answer(text, style) == expected

@@ -68,6 +68,7 @@ def extract_boxed(text: str) -> str | None:
 _HASHES = re.compile(r"####\s*([^\n]+)")
 _ANSWER_IS = re.compile(r"(?:final\s+answer|the\s+answer)\s*(?:is|:|=)\s*:?\s*([^\n]+)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def _clean_tail(answer: str) -> str | None:
@@ -80,26 +81,46 @@ def _clean_tail(answer: str) -> str | None:
     return answer or None
 
 
+def _stated_answers(text: str):
+    """Candidate final answers in order of precedence: the last box, the last `####` line, the last "answer is"."""
+    boxed = extract_boxed(text)
+    if boxed is not None:
+        yield boxed
+    hashes = _HASHES.findall(text)
+    if hashes:
+        found = _clean_tail(hashes[-1])
+        if found:
+            yield found
+    stated = _ANSWER_IS.findall(text)
+    if stated:
+        found = _clean_tail(stated[-1])
+        if found:
+            boxed = extract_boxed(found)
+            yield boxed if boxed is not None else found
+
+
+def _gsm8k_number(candidate: str) -> str | None:
+    """GSM8K answers are numbers: a stated answer that is not one ("2+2=4", "3 peaches", "the same as step 3")
+    stands for its last number, as in GSM8K's regex grading; None when it holds no number."""
+    normalized = normalize_answer(candidate)
+    if normalized is not None and _PLAIN_NUMBER.fullmatch(normalized):
+        return candidate
+    numbers = _NUMBER.findall(candidate)
+    return numbers[-1].replace(",", "") if numbers else None
+
+
 def extract_answer(text: str, style: str = "math") -> str | None:
     """The final answer of one completion, as text, or None when it states none. `style`: "math" or "gsm8k"."""
     if style not in ("math", "gsm8k"):
         raise ValueError(f"unknown answer style {style!r}; choose 'math' or 'gsm8k'")
     if not text:
         return None
-    boxed = extract_boxed(text)
-    if boxed is not None:
-        return boxed
-    hashes = _HASHES.findall(text)
-    if hashes:
-        found = _clean_tail(hashes[-1])
-        if found:
-            return found
-    stated = _ANSWER_IS.findall(text)
-    if stated:
-        found = _clean_tail(stated[-1])
-        if found:
-            boxed = extract_boxed(found)
-            return boxed if boxed is not None else found
+    for candidate in _stated_answers(text):
+        if style == "math":
+            return candidate
+        number = _gsm8k_number(candidate)
+        if number is not None:
+            return number
     if style == "gsm8k":
         numbers = _NUMBER.findall(text)
         if numbers:
@@ -190,7 +211,6 @@ def _verify(gold: tuple, target: tuple, timeout_s: float) -> bool:
     return bool(_call_with_timeout(run, timeout_s, default=False))
 
 
-_PLAIN_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 # Probe values for the free symbols of an expression (sorted by name): equal expressions agree at any point.
 _PROBES = (0.5377, 1.8339, -2.2588, 0.8622, 0.3188, -1.3077, -0.4336, 0.3426)
 
@@ -212,9 +232,8 @@ def _signature(normalized: str, timeout_s: float = TIMEOUT_S) -> tuple:
         return ("other",)
     try:
         symbols = sorted(expr.free_symbols, key=lambda sym: sym.name)
-        if len(symbols) > len(_PROBES):
-            return ("other",)
-        value = complex(expr.subs(dict(zip(symbols, _PROBES))).evalf(20) if symbols else expr.evalf(20))
+        probes = [_PROBES[i % len(_PROBES)] + 0.1 * (i // len(_PROBES)) for i in range(len(symbols))]
+        value = complex(expr.subs(dict(zip(symbols, probes))).evalf(20) if symbols else expr.evalf(20))
     except Exception:  # noqa: BLE001 - anything sympy cannot evaluate is left to verify
         return ("other",)
     if not (math.isfinite(value.real) and math.isfinite(value.imag)):
