@@ -1,7 +1,7 @@
 """`thinkfast reproduce`: the paper's experiment at 135M scale, in stages that run in parallel and resume.
 
-    thinkfast reproduce --budget fast                     # 4 H100s: < 25 min (see FAST), runs/reproduce-fast
-    thinkfast reproduce                                   # the full protocol: ~38 min on 4 H100s, ~81 on one
+    thinkfast reproduce --budget fast                     # 4 H100s: ~21 min (see FAST), runs/reproduce-fast
+    thinkfast reproduce                                   # the full protocol: ~34 min on 4 H100s, ~67 on one
     thinkfast reproduce --plan --gpus 4 --budget fast     # the DAG, the device schedule, the expected wall-clock
     thinkfast reproduce --smoke                           # CPU, minutes: tiny budgets, runs/reproduce-smoke
     thinkfast reproduce --stages eval-teacher,eval-mil    # a subset (their inputs must be finished already)
@@ -769,23 +769,24 @@ def summarize_eval(stage: str, task: str, results_root: Path, started: float, ch
 # Sources: leaderboards/README.md (one H100 80GB, 2026-11-27) and the lead's measurements of the same day;
 # "guess" marks what nobody has measured yet: correct it from a run's stamps (DONE.json timings.seconds).
 H100_ESTIMATES = {
-    "worker_start_s": 10,          # guess: a stage's subprocess importing torch / transformers
-    "teacher_s": 45,               # guess: GGUF -> HF conversion (CPU), once per machine
-    "init_s": 60,                  # guess: two `thinkfast init` runs
-    "prm_record_s": 5,             # guess: hashing the committed default PRM (1.1 MB)
+    # measured: one H100 80GB HBM3, 2026-11-27, `thinkfast reproduce --budget fast --gpus 1` (leaderboards/README.md)
+    "worker_start_s": 12,          # measured: a stage's subprocess importing torch / transformers (11-14 s)
+    "teacher_s": 26,               # measured: GGUF -> HF conversion, once per machine
+    "init_s": 41,                  # measured: two `thinkfast init` runs
+    "prm_record_s": 1,             # measured: hashing the committed default PRM
     "prm_train_s": 360,            # README, Default PRM: `thinkfast prm train` took 352 s in all
-    "distill_setup_s": 60,         # guess: data, tokenization, decontamination, held-out evaluation per run
-    "distill_stage_s": 45,         # guess: torch.compile warm-up and checkpoints per distillation stage
+    "distill_setup_s": 55,         # measured (MIL): data, tokenization, decontamination, held-out eval before/after
+    "distill_stage_s": 100,        # measured (MIL): regional torch.compile 94 s incl. the probe step, + checkpoints
     "tokens_per_s": {              # distillation trainer throughput by (recipe, stage)
-        ("mambainllama", "kd"): 103_000,  # README, Distillation: bench_distill.py, chunked KL, compiled, micro 16
-        ("llamba", "kd"): 58_000,         # the same bench, Llamba: 57,767 tok/s
+        ("mambainllama", "kd"): 103_700,  # measured: 50M tokens in 8:11 (reverse KL, chunked, compiled, micro 16)
+        ("llamba", "kd"): 58_000,         # bench_distill.py, Llamba: 57,767 tok/s
         ("llamba", "hidden"): 58_000,     # guess: as kd (student fwd+bwd + teacher fwd, no vocab-wide loss)
         ("llamba", "matrix"): 30_000,     # guess: eager attention and L x L mixing matrices at seq 512
     },
-    "gsm8k_sampling_s": 150,       # lead: 500 x 64 x <= 400 tokens ~2.5 min per model (README: 157 s worst case)
-    "math_sampling_s": 375,        # lead: MATH-500 at 1024 max tokens ~2.5x GSM8K (scaled by max tokens)
+    "gsm8k_sampling_s": 64,        # measured: teacher, 500 x 64 completions, 7.35M tokens in 63.4 s
+    "math_sampling_s": 160,        # guess: GSM8K's measured 63 s x 2.5 for up to 1024 new tokens
     "prm_scoring_s": 36,           # README, Default PRM: scoring 500 x 64 GSM8K-length completions, 36.3 s
-    "eval_task_s": 60,             # guess: lm_eval start, model load, CUDA graphs, answer checking, per task
+    "eval_task_s": 45,             # guess: lm_eval start, model load, CUDA graphs, answer grading (16 processes)
     "bench_s": 390,                # lead: `thinkfast bench` ~6.5 min (HF generate rows are most of it)
     "leaderboard_s": 30,           # guess: tables and plots
 }

@@ -335,3 +335,17 @@ def test_failing_compile_falls_back_to_eager(tiny_teacher, tmp_path, monkeypatch
         broken.train()
     assert broken.compiled == [] and all(layer.mlp._compiled_call_impl is None for layer in T._decoder_layers(broken.student))
     assert losses(tmp_path / "broken") == losses(tmp_path / "eager")
+
+
+def test_curves_plot_from_metrics_and_malformed_rows(tmp_path):
+    from distill.curves import plot_curves, read_metrics
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps({"stage": "kd", "step": s, "tokens": 1000 * s, "loss": 5.0 / s,
+                                             "tokens_per_s": 1e5, "mfu": 0.13}) for s in range(1, 6)) + "\n")
+    png = plot_curves([metrics], tmp_path / "curves.png")
+    assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"step": 1, "loss": 2.0}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: a metrics row needs 'tokens'"):
+        read_metrics(bad)

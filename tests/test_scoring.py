@@ -250,3 +250,31 @@ def test_grade_many_in_worker_processes_equals_in_process():
     assert forked == [grade_completions(*job) for job in jobs]
     assert all(graded[0][-1] is None and graded[1][-1] is None for graded in forked)  # unparsable: no answer, no class
     assert any(True in graded[2].values() for graded in forked)
+
+
+def test_regrade_samples_script_keeps_prm_scores_and_applies_the_current_grader(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "regrade_samples", Path(__file__).resolve().parents[1] / "scripts" / "regrade_samples.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    completions = ["So the answer is 2+2=4.", "The answer is 5.", "#### 4", "no idea"]
+    # logged by an older grader: "2+2=4" was its own (wrong) answer class
+    logged = [{"answer": "2+2=4", "class": 0, "correct": False, "prm_steps": [0.9], "prm_score": 0.9},
+              {"answer": "5", "class": 1, "correct": False, "prm_steps": [0.2], "prm_score": 0.2},
+              {"answer": "4", "class": 2, "correct": True, "prm_steps": [0.1], "prm_score": 0.1},
+              {"answer": None, "class": None, "correct": False, "prm_steps": [0.5], "prm_score": 0.5}]
+    row = {"doc": {"problem": "2+2?", "answer": "4"}, "resps": [completions],
+           "filtered_resps": [[json.dumps(r) for r in logged]]}
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps(row) + "\n")
+    result = module.regrade(samples, "gsm8k")
+    assert result["logged"]["pass@1"] == pytest.approx(0.25) and result["regraded"]["pass@1"] == pytest.approx(0.5)
+    # bon@1 is the mean correctness of single draws either way; bon@4 picks the 0.9-scored "2+2=4", now right
+    assert result["logged"]["bon@4"] == 0.0 and result["regraded"]["bon@4"] == 1.0
+    samples.write_text(json.dumps({"doc": {"answer": "4"}, "resps": [completions]}) + "\n")
+    with pytest.raises(ValueError, match="sample 1 is not a best-of-N record"):
+        module.regrade(samples, "gsm8k")
