@@ -125,7 +125,10 @@ def test_signature_shortcut_agrees_with_math_verify():
                     "\\frac{%d}{%d}" % (rng.randint(1, 9), rng.randint(2, 9)), "%d\\sqrt{%d}" % (rng.randint(1, 4), 2),
                     "x^2+%dx" % rng.randint(1, 3), "%dx+%d" % (rng.randint(1, 3), rng.randint(0, 2)),
                     "\\{%d,%d\\}" % (rng.randint(1, 3), rng.randint(1, 3)), "(%d,%d]" % (rng.randint(0, 2), 3)])
-        for _ in range(30)})
+        for _ in range(30)} | {
+        # what small models write after "the answer is": equations, chains, sets, text
+        "2+2=4", "8*10=80", "y=4", "4=2*2=4", "\\{4\\}", "\\{4,5\\}", "(4,5)", "x<4", "4 eggs and 5 hens",
+        "the same as before", "80"})
     for a, b in itertools.combinations(pool, 2):
         na, nb = normalize_answer(a), normalize_answer(b)
         if na is None or nb is None or na == nb:

@@ -25,6 +25,7 @@ import functools
 import math
 import os
 import re
+import signal
 import threading
 from typing import Sequence
 
@@ -190,6 +191,20 @@ def _call_with_timeout(fn, timeout_s: float, default):
     return box[0] if box else default
 
 
+def _under_alarm(fn, seconds: float):
+    """fn() in the main thread, interrupted by SIGALRM after `seconds` (TimeoutError)."""
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"gave up after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return fn()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 @functools.lru_cache(maxsize=65536)
 def _parse(answer: str, timeout_s: float = TIMEOUT_S) -> tuple:
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
@@ -215,44 +230,96 @@ def _verify(gold: tuple, target: tuple, timeout_s: float) -> bool:
 _PROBES = (0.5377, 1.8339, -2.2588, 0.8622, 0.3188, -1.3077, -0.4336, 0.3426)
 
 
+_WORD = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{4,}")
+_MATH_WORDS = frozenset({"sqrt", "infty", "frac", "dfrac", "tfrac", "cdot", "times", "arcsin", "arccos", "arctan",
+                         "sinh", "cosh", "tanh", "text", "mathrm", "mathbf", "left", "right", "begin", "pmatrix",
+                         "bmatrix", "matrix", "array", "cases", "binom", "choose", "circ", "degree", "degrees",
+                         "sec", "csc", "cot", "log", "exp", "undefined", "none"})
+
+
+def _is_prose(normalized: str) -> bool:
+    """A run of four or more letters that is no LaTeX command or function name: words, not mathematics."""
+    return any(word.lower() not in _MATH_WORDS for word in _WORD.findall(normalized))
+
+
+def _value_signature(expr, timeout_s: float) -> tuple:
+    """("number", value rounded to 6 decimals) or ("expr", symbols, value at the probe point) for a sympy Expr;
+    ("other",) for anything else or what cannot be evaluated in time."""
+    import sympy
+
+    if not isinstance(expr, sympy.Expr) or isinstance(expr, sympy.MatrixBase):
+        return ("other",)
+    symbols = sorted(expr.free_symbols, key=lambda sym: sym.name)
+    probes = dict(zip(symbols, (_PROBES[i % len(_PROBES)] + 0.1 * (i // len(_PROBES)) for i in range(len(symbols)))))
+
+    def compute():
+        return complex(expr.subs(probes).evalf(20) if symbols else expr.evalf(20))
+
+    def evaluate(seconds):  # evalf of e.g. 10^(10^10) can run for minutes: bounded like parse and verify
+        return compute() if seconds is None else _under_alarm(compute, seconds)
+
+    value = _call_with_timeout(evaluate, min(timeout_s, 1.0), default=None)
+    if value is None or not (math.isfinite(value.real) and math.isfinite(value.imag)):
+        return ("other",)  # what sympy cannot evaluate is left to verify
+    if symbols:
+        return ("expr", tuple(s.name for s in symbols), value)
+    return ("number", round(value.real, 6) + 0.0, round(value.imag, 6) + 0.0)
+
+
 @functools.lru_cache(maxsize=65536)
 def _signature(normalized: str, timeout_s: float = TIMEOUT_S) -> tuple:
     """A cheap description of a parsed answer that rules out most unequal pairs without `verify`:
-    ("number", value rounded to 6 decimals), ("expr", value at the probe point), ("other",) for sets, intervals,
-    relations, matrices or what cannot be evaluated, ("unparsed",) when math-verify finds nothing."""
+    ("number", ...) / ("expr", ...) (see `_value_signature`); ("eq", right-hand sides) for an equation or a chain
+    of them (math-verify compares an equation with a non-equation through its right-hand side); ("set", elements)
+    for a finite set; ("text", text) when math-verify kept only the text; ("other",) for intervals, inequalities,
+    matrices, tuples...; ("unparsed",) when math-verify finds nothing."""
     if _PLAIN_NUMBER.fullmatch(normalized):  # most votes (GSM8K's all): no sympy needed
         return ("number", round(float(normalized), 6) + 0.0, 0.0)
+    if _is_prose(normalized):  # "4 eggs and 5 hens": math-verify reads a product of letters; only text matches
+        return ("text", normalized.lower())
     parsed = _parse(normalized, timeout_s)
     if not parsed:
         return ("unparsed",)
     import sympy
 
     expr = parsed[0]
-    if not isinstance(expr, sympy.Expr) or isinstance(expr, sympy.MatrixBase):
-        return ("other",)
-    try:
-        symbols = sorted(expr.free_symbols, key=lambda sym: sym.name)
-        probes = [_PROBES[i % len(_PROBES)] + 0.1 * (i // len(_PROBES)) for i in range(len(symbols))]
-        value = complex(expr.subs(dict(zip(symbols, probes))).evalf(20) if symbols else expr.evalf(20))
-    except Exception:  # noqa: BLE001 - anything sympy cannot evaluate is left to verify
-        return ("other",)
-    if not (math.isfinite(value.real) and math.isfinite(value.imag)):
-        return ("other",)
-    if symbols:
-        return ("expr", tuple(s.name for s in symbols), value)
-    return ("number", round(value.real, 6) + 0.0, round(value.imag, 6) + 0.0)
+    if isinstance(expr, str):
+        return ("text", expr.strip().lower())
+    if isinstance(expr, sympy.Equality):
+        return ("eq", (_value_signature(expr.rhs, timeout_s),))
+    if isinstance(expr, sympy.And) and expr.args and all(isinstance(a, sympy.Equality) for a in expr.args):
+        return ("eq", tuple(_value_signature(a.rhs, timeout_s) for a in expr.args))
+    if isinstance(expr, sympy.FiniteSet):
+        return ("set", tuple(_value_signature(e, timeout_s) for e in expr.args))
+    return _value_signature(expr, timeout_s)
 
 
 def _may_be_equal(sa: tuple, sb: tuple) -> bool:
     """False only where math-verify cannot call the two equal: two numbers that differ after its 6-decimal rounding,
-    two expressions that differ at the probe point, a number against an expression in free symbols."""
-    if sa[0] == "unparsed" or sb[0] == "unparsed":
+    two expressions that differ at the probe point, a number against an expression in free symbols, an equation
+    none of whose right-hand sides may equal the other answer, sets of different sizes, different texts."""
+    kinds = {sa[0], sb[0]}
+    if "unparsed" in kinds:
         return False
+    if "text" in kinds:
+        return sa == sb
+    if sa[0] == "eq" or sb[0] == "eq":
+        if sa[0] == sb[0]:
+            return True  # equation against equation: math-verify's relational comparison decides
+        equation, other = (sa, sb) if sa[0] == "eq" else (sb, sa)
+        return any(_may_be_equal(rhs, other) for rhs in equation[1])
+    if sa[0] == "set" or sb[0] == "set":
+        if sa[0] == sb[0]:
+            return len(sa[1]) == len(sb[1])
+        one, other = (sa, sb) if sa[0] == "set" else (sb, sa)
+        if other[0] == "other":
+            return True  # tuples, intervals...: (1, 2) may equal {1, 2}
+        return len(one[1]) == 1 and _may_be_equal(one[1][0], other)
     if sa[0] == sb[0] == "number":
         return sa[1:] == sb[1:]
     if sa[0] == sb[0] == "expr":
         return sa[1] == sb[1] and abs(sa[2] - sb[2]) <= 1e-6 * max(1.0, abs(sa[2]), abs(sb[2]))
-    return {sa[0], sb[0]} != {"number", "expr"}
+    return kinds != {"number", "expr"}
 
 
 @functools.lru_cache(maxsize=65536)
