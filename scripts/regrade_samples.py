@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness_ext.scoring.answers import grade_many  # noqa: E402
-from harness_ext.scoring.metrics import bon_metrics, ks_for  # noqa: E402
+from harness_ext.tasks.utils import metrics_from_records  # noqa: E402
 
 
 def regrade(samples_path: Path, style: str) -> dict:
@@ -26,32 +26,24 @@ def regrade(samples_path: Path, style: str) -> dict:
     jobs, logged = [], []
     for number, row in enumerate(rows, 1):
         try:
-            completions = [r[0] if isinstance(r, list) else r for r in row["resps"]]
-            if len(completions) == 1 and isinstance(row["resps"][0], list) and len(row["resps"][0]) > 1:
-                completions = row["resps"][0]
+            (completions,) = row["resps"]  # lm-eval: one request (the N repeats) -> its N completions
             records = [json.loads(r) if isinstance(r, str) else r for r in row["filtered_resps"][0]]
             gold = row["doc"]["answer"]
-        except (KeyError, IndexError, TypeError, json.JSONDecodeError) as exc:
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise ValueError(f"{samples_path}: sample {number} is not a best-of-N record ({exc!r})") from None
         if len(records) != len(completions):
             raise ValueError(f"{samples_path}: sample {number} has {len(completions)} completions but "
                              f"{len(records)} scored records")
         jobs.append((gold, completions, style))
         logged.append(records)
-    graded = grade_many(jobs, desc="regrading")
-    names = None
-    before, after = {}, {}
-    for records, (answers, class_ids, class_correct) in zip(logged, graded):
-        scores = [r.get("prm_score") for r in records]
-        scores = scores if all(s is not None for s in scores) else None
-        ks = ks_for(len(records))
-        old = bon_metrics([r["class"] for r in records],
-                          {r["class"]: bool(r["correct"]) for r in records if r["class"] is not None}, scores, ks)
-        new = bon_metrics(class_ids, class_correct, scores, ks)
-        names = names or list(new)
-        for name in names:
-            before[name] = before.get(name, 0.0) + old[name] / len(logged)
-            after[name] = after.get(name, 0.0) + new[name] / len(logged)
+    before: dict[str, float] = {}
+    after: dict[str, float] = {}
+    for records, (answers, class_ids, class_correct) in zip(logged, grade_many(jobs, desc="regrading")):
+        regraded = [dict(r, answer=a, **{"class": c, "correct": bool(c is not None and class_correct[c])})
+                    for r, a, c in zip(records, answers, class_ids)]  # PRM steps and score kept as logged
+        for totals, recs in ((before, records), (after, regraded)):
+            for name, value in metrics_from_records(recs).items():
+                totals[name] = totals.get(name, 0.0) + value / len(logged)
     return {"samples": str(samples_path), "problems": len(logged), "style": style,
             "logged": before, "regraded": after}
 

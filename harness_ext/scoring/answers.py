@@ -226,20 +226,20 @@ def _verify(gold: tuple, target: tuple, timeout_s: float) -> bool:
     return bool(_call_with_timeout(run, timeout_s, default=False))
 
 
-# Probe values for the free symbols of an expression (sorted by name): equal expressions agree at any point.
-_PROBES = (0.5377, 1.8339, -2.2588, 0.8622, 0.3188, -1.3077, -0.4336, 0.3426)
-
-
 _WORD = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{4,}")
 _MATH_WORDS = frozenset({"sqrt", "infty", "frac", "dfrac", "tfrac", "cdot", "times", "arcsin", "arccos", "arctan",
                          "sinh", "cosh", "tanh", "text", "mathrm", "mathbf", "left", "right", "begin", "pmatrix",
                          "bmatrix", "matrix", "array", "cases", "binom", "choose", "circ", "degree", "degrees",
-                         "sec", "csc", "cot", "log", "exp", "undefined", "none"})
+                         "undefined", "none"})
 
 
 def _is_prose(normalized: str) -> bool:
     """A run of four or more letters that is no LaTeX command or function name: words, not mathematics."""
     return any(word.lower() not in _MATH_WORDS for word in _WORD.findall(normalized))
+
+
+# Probe values for the free symbols of an expression (sorted by name): equal expressions agree at any point.
+_PROBES = (0.5377, 1.8339, -2.2588, 0.8622, 0.3188, -1.3077, -0.4336, 0.3426)
 
 
 def _value_signature(expr, timeout_s: float) -> tuple:
