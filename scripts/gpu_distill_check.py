@@ -4,6 +4,9 @@
     python scripts/gpu_distill_check.py --out runs/distill_check
     # 2-GPU scaling: the same short KD run on 1 GPU and through torchrun on every visible GPU
     python scripts/gpu_distill_check.py --out runs/distill_scaling --recipes mambainllama --scaling-tokens 8e6
+    # the same, both runs at once on disjoint GPUs (1 GPU | the other visible GPUs; 3 GPUs -> 1 vs 2)
+    CUDA_VISIBLE_DEVICES=1,2,3 python scripts/gpu_distill_check.py --out runs/distill_scaling \
+        --recipes mambainllama --scaling-tokens 6e6 --parallel
     # CPU smoke (tiny budgets, seconds per stage)
     python scripts/gpu_distill_check.py --out /tmp/distill_check --smoke
 
@@ -59,28 +62,45 @@ def run_recipe(recipe_name: str, teacher: str, out: Path, smoke: bool, max_token
     return {"recipe": recipe_name, "wall_s": wall, "stages": stages, "init_eval": init, "final_eval": final}
 
 
-def scaling(recipe_name: str, teacher: str, out: Path, tokens: float, smoke: bool) -> dict:
+def scaling(recipe_name: str, teacher: str, out: Path, tokens: float, smoke: bool, parallel: bool = False) -> dict:
     import torch
-    n = max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 2
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if not visible and torch.cuda.is_available():
+        visible = [str(i) for i in range(torch.cuda.device_count())]
+    # --parallel: the 1-process run takes the first GPU and the n-process run the others, both at once
+    groups = {1: visible[:1], max(1, len(visible) - 1): visible[1:]} if parallel else None
+    n = (len(visible) - 1 if parallel else len(visible)) or 2
+    if parallel and (len(visible) < 3):
+        raise SystemExit(f"--parallel needs at least 3 visible GPUs (1 | 2+), found {len(visible)}")
     base = [sys.executable, "-m", "harness_ext.cli", "distill", "--recipe", recipe_name, "--teacher", teacher,
             "--max-tokens", str(tokens)] + (["--smoke"] if smoke else [])
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    res = {}
+    procs_running = {}
     for procs in (1, n):
         o = out / f"scaling_{procs}"
         cmd = base + ["--out", str(o)]
         if procs > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
                    "-m", "harness_ext.cli"] + base[3:] + ["--out", str(o)]
-        # Same global batch per step: 1 process accumulates what n processes do in parallel.
-        extra = ["defaults.grad_accum=2"] if procs > 1 else [f"defaults.grad_accum={2 * n}"]
-        subprocess.run(cmd + extra, check=True, env=env)
-        sd = sorted((o / "stages").iterdir())[0]
-        rows = metrics(sd)
+        # Same global batch per step: 1 process accumulates what n processes do in parallel; log often enough
+        # for a loss curve of a short run.
+        extra = ["defaults.log_every=5"] + (["defaults.grad_accum=2"] if procs > 1 else [f"defaults.grad_accum={2 * n}"])
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if groups:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(groups[procs])
+        proc = subprocess.Popen(cmd + extra, env=env)
+        if not parallel:
+            proc.wait()
+        procs_running[procs] = proc
+    for procs, proc in procs_running.items():
+        if proc.wait() != 0:
+            raise SystemExit(f"scaling run with {procs} process(es) failed with status {proc.returncode}")
+    res = {}
+    for procs in (1, n):
+        rows = metrics(sorted((out / f"scaling_{procs}" / "stages").iterdir())[0])
         res[procs] = {**speed(rows), "losses": [r["loss"] for r in rows]}
     one, many = res[1], res[n]
     diffs = [abs(a - b) for a, b in zip(one["losses"], many["losses"])]
-    return {"recipe": recipe_name, "gpus": n, "one": one, "many": many,
+    return {"recipe": recipe_name, "gpus": n, "concurrent": parallel, "one": one, "many": many,
             "speedup": (many["tokens_per_s"] / one["tokens_per_s"]) if one["tokens_per_s"] else None,
             "max_loss_diff": max(diffs) if diffs else None}
 
@@ -92,6 +112,8 @@ def main():
     ap.add_argument("--recipes", default="mambainllama,llamba")
     ap.add_argument("--max-tokens", type=float, default=None, help="override each recipe's total budget")
     ap.add_argument("--scaling-tokens", type=float, default=None, help="run the 1-GPU vs N-GPU comparison instead")
+    ap.add_argument("--parallel", action="store_true",
+                    help="scaling: run the 1-GPU and the N-GPU run at once on disjoint GPUs (needs N+1 visible)")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
@@ -105,7 +127,7 @@ def main():
     summary = {"teacher": teacher, "recipes": [], "scaling": []}
     for name in args.recipes.split(","):
         if args.scaling_tokens:
-            summary["scaling"].append(scaling(name, teacher, out, args.scaling_tokens, args.smoke))
+            summary["scaling"].append(scaling(name, teacher, out, args.scaling_tokens, args.smoke, args.parallel))
         else:
             summary["recipes"].append(run_recipe(name, teacher, out, args.smoke, args.max_tokens, args.compile))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
