@@ -32,16 +32,22 @@ def plot_curves(paths: list[str | Path], out: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (loss_ax, speed_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for path in paths:
-        rows = read_metrics(path)
-        label = rows[0].get("stage") or Path(path).parent.name
+    mfu_ax = None  # one MFU axis shared by every file
+    runs = [(path, read_metrics(path)) for path in paths]
+    stages = [rows[0].get("stage") or Path(path).parent.name for path, rows in runs]
+    for (path, rows), stage in zip(runs, stages):
+        # the stage names a run's curve, unless several runs share one (1 GPU vs 2): then the file does
+        label = stage if stages.count(stage) == 1 else f"{stage} ({Path(path).stem})"
         tokens = [r["tokens"] / 1e6 for r in rows]
-        loss_ax.plot(tokens, [r["loss"] for r in rows], label=label)
-        speed_ax.plot(tokens, [r.get("tokens_per_s", float("nan")) / 1e3 for r in rows], label=f"{label} tok/s")
+        (line,) = loss_ax.plot(tokens, [r["loss"] for r in rows], label=label)
+        speed_ax.plot(tokens, [r.get("tokens_per_s", float("nan")) / 1e3 for r in rows], color=line.get_color(),
+                      label=f"{label} tok/s")
         if any("mfu" in r for r in rows):
-            mfu_ax = speed_ax.twinx()
-            mfu_ax.plot(tokens, [100 * r.get("mfu", float("nan")) for r in rows], "--", alpha=0.5)
-            mfu_ax.set_ylabel("MFU % (dashed)")
+            mfu_ax = mfu_ax or speed_ax.twinx()
+            mfu_ax.plot(tokens, [100 * r.get("mfu", float("nan")) for r in rows], "--", alpha=0.5,
+                        color=line.get_color())
+    if mfu_ax is not None:
+        mfu_ax.set_ylabel("MFU % (dashed)")
     loss_ax.set(xlabel="tokens (M)", ylabel="loss", yscale="log", title="distillation loss")
     speed_ax.set(xlabel="tokens (M)", ylabel="k tokens/s", title="trainer throughput")
     loss_ax.legend()

@@ -317,7 +317,12 @@ class Reproduction:
         stamp = self.valid_stamp("prm")
         if stamp is None:
             return None, {"prm": None}
-        return stamp["outputs"]["prm"], {"prm": self.identity(stamp)}
+        identity = self.identity(stamp)
+        if self.prm_choice != "train":
+            # a recorded PRM is its files (the stamp's key hashes them), not a run: the teacher's evaluation
+            # stays valid across runs and machines (a workdir carried to a fresh machine keeps its results)
+            identity.pop("run")
+        return stamp["outputs"]["prm"], {"prm": identity}
 
     def key(self, stage: str) -> str:
         return digest(self.inputs(stage))
@@ -447,7 +452,7 @@ class Reproduction:
         if not force and self.valid_stamp(stage):
             self.ran[stage] = "skipped"
             return
-        for dep in DEPENDS[stage]:
+        for dep in self.dependencies(stage):  # the scheduler's view: a recorded PRM starts beside the teacher
             self.upstream(stage, dep)
         inputs = self.inputs(stage)
         key = digest(inputs)
@@ -555,23 +560,63 @@ class Reproduction:
         self.execute("prm", cmd)
         return {"prm": str(out)}, [display(cmd)], {}
 
-    def _eval(self, stage: str, folder: Path):
+    def _eval_model(self, stage: str) -> tuple:
+        """(backend, name, architecture, role, bench_model, distillation tokens, checkpoint) of an eval stage."""
         if stage == "eval-teacher":
             checkpoint = Path(self.upstream(stage, "teacher")["outputs"]["checkpoint"])
-            backend, name, arch, role, bench_model, tokens = "thinkfast", teacher_name(self.teacher_spec), \
-                "llama", "teacher", "teacher", None
-        else:
-            student = self.student(stage)
-            up = self.upstream(stage, student.stage)
-            checkpoint = Path(up["outputs"]["checkpoint"])
-            backend, name, arch, role, bench_model = (student.backend, student.name, student.recipe, "student",
-                                                      student.bench_model)
-            tokens = up.get("distillation_tokens")
+            return "thinkfast", teacher_name(self.teacher_spec), "llama", "teacher", "teacher", None, checkpoint
+        student = self.student(stage)
+        up = self.upstream(stage, student.stage)
+        return (student.backend, student.name, student.recipe, "student", student.bench_model,
+                up.get("distillation_tokens"), Path(up["outputs"]["checkpoint"]))
+
+    def write_eval_meta(self, stage: str, folder: Path, card: str | None = None) -> Path | None:
+        """The leaderboard's sidecar (META_FILE) beside lm-eval's results, for the tasks finished so far: written
+        after every task, so an interrupted evaluation still publishes what it measured. None: no task yet.
+        The card is the one each task record names (`card`: for records that name none, e.g. from another
+        machine, else this machine's)."""
+        _, name, arch, role, bench_model, tokens, checkpoint = self._eval_model(stage)
+        records = {task: read_json(folder / "tasks" / f"{task}.json") for task in TASKS}
+        records = {task: r for task, r in records.items() if r}
+        if not records:
+            return None
+        results_dirs = {self.local_path(r["results"]).parent for r in records.values()}
+        if len(results_dirs) != 1:
+            raise StageError(stage, f"lm-eval wrote the tasks' results into several folders {sorted(results_dirs)}")
+        model_dir = results_dirs.pop()
+        parameters = next((r["parameters"] for r in records.values() if r.get("parameters")), None)
+        prm, _ = self.prm_spec()
+        meta = {"schema": META_SCHEMA, "model": name, "architecture": arch, "role": role,
+                "parameters": parameters or count_parameters(checkpoint), "distillation_tokens": tokens,
+                "card": next((r["card"] for r in records.values() if r.get("card")), None) or card
+                or card_name(self.device),
+                "commit": next((r["commit"] for r in records.values() if r.get("commit")), None) or self.commit,
+                "bench_model": bench_model,
+                "generation": {task: r["generation"] for task, r in records.items()}, "checkpoint": str(checkpoint),
+                "smoke": self.smoke,
+                "settings": {"budget": self.budget.name, "n": self.budget.n, "temperature": self.budget.temperature,
+                             "limit": self.budget.limit, "max_gen_toks": {t: self.budget.gen_toks(t) for t in TASKS},
+                             "prm": prm},
+                "tasks_missing": [t for t in TASKS if t not in records]}
+        atomic_write_json(model_dir / META_FILE, meta)
+        return model_dir / META_FILE
+
+    def local_path(self, recorded: str) -> Path:
+        """A path a stage recorded; when it no longer exists (the workdir was copied from another machine), the
+        same path below this workdir's stage folder."""
+        path = Path(recorded)
+        if path.exists():
+            return path
+        stage_at = [i for i, part in enumerate(path.parts) if part in STAGES]
+        return self.workdir / Path(*path.parts[stage_at[-1]:]) if stage_at else path
+
+    def _eval(self, stage: str, folder: Path):
+        backend, name, *_, checkpoint = self._eval_model(stage)
         prm, _ = self.prm_spec()
         if prm is None:
             self.log("no PRM (the prm stage has not finished, or --prm none): bon@k / weighted_bon@k will be n/a")
         results_root = folder / "lm_eval"
-        generation, commands, results_dirs = {}, [], set()
+        generation, commands = {}, []
         for task in TASKS:
             done_file = folder / "tasks" / f"{task}.json"
             record = read_json(done_file)
@@ -582,26 +627,14 @@ class Reproduction:
                 started = time.time()
                 seconds = self.execute(stage, cmd)
                 record = summarize_eval(stage, task, results_root, started, checkpoint, seconds, self.budget.n)
-                record["command"] = display(cmd)
+                record.update(command=display(cmd), card=card_name(self.device), commit=self.commit)
                 atomic_write_json(done_file, record)
             commands.append(record["command"])
-            results_dirs.add(str(Path(record["results"]).parent))
             generation[task] = record["generation"]
-            parameters = record.get("parameters")
-        if len(results_dirs) != 1:
-            raise StageError(stage, f"lm-eval wrote the tasks' results into several folders {sorted(results_dirs)}")
-        model_dir = Path(results_dirs.pop())
-        meta = {"schema": META_SCHEMA, "model": name, "architecture": arch, "role": role,
-                "parameters": parameters or count_parameters(checkpoint), "distillation_tokens": tokens,
-                "card": card_name(self.device), "commit": self.commit, "bench_model": bench_model,
-                "generation": generation, "checkpoint": str(checkpoint), "smoke": self.smoke,
-                "settings": {"budget": self.budget.name, "n": self.budget.n, "temperature": self.budget.temperature,
-                             "limit": self.budget.limit, "max_gen_toks": {t: self.budget.gen_toks(t) for t in TASKS},
-                             "prm": prm}}
-        atomic_write_json(model_dir / META_FILE, meta)
+            meta = self.write_eval_meta(stage, folder)
         self.log(f"{name}: " + ", ".join(f"{t} {g['num_samples']} samples, {g['generated_tokens']:,} tokens in "
                                           f"{g['wall_clock_seconds']:.1f}s" for t, g in generation.items()))
-        return {"results": str(results_root.resolve()), "meta": str((model_dir / META_FILE).resolve())}, commands, {}
+        return {"results": str(results_root.resolve()), "meta": str(meta.resolve())}, commands, {}
 
     def lm_eval_cmd(self, backend: str, checkpoint: Path, task: str, prm: str | None, out: Path) -> list[str]:
         b = self.budget
@@ -758,6 +791,8 @@ def summarize_eval(stage: str, task: str, results_root: Path, started: float, ch
         "generated_tokens": int(reported.get("generated_tokens") or generated) or None,
         "num_samples": int(reported.get("num_samples") or len(texts) or (problems or 0) * n) or None,
     }
+    if reported.get("engine"):
+        generation["engine"] = reported["engine"]  # where the time went: prefill, decode, forks, host
     return {"task": task, "results": str(results_file.resolve()), "samples": str(samples_file.resolve()),
             "problems": problems, "parameters": (data.get("config") or {}).get("model_num_parameters"),
             "generation": generation}
@@ -769,25 +804,27 @@ def summarize_eval(stage: str, task: str, results_root: Path, started: float, ch
 # Sources: leaderboards/README.md (one H100 80GB, 2026-11-27) and the lead's measurements of the same day;
 # "guess" marks what nobody has measured yet: correct it from a run's stamps (DONE.json timings.seconds).
 H100_ESTIMATES = {
-    # measured: one H100 80GB HBM3, 2026-11-27, `thinkfast reproduce --budget fast --gpus 1` (leaderboards/README.md)
+    # measured: one H100 80GB HBM3, 2026-11-27, `thinkfast reproduce --budget fast` (leaderboards/README.md);
+    # the second run (4 x H100, commit 14ac7b7) re-measured the stages it reached
     "worker_start_s": 12,          # measured: a stage's subprocess importing torch / transformers (11-14 s)
-    "teacher_s": 26,               # measured: GGUF -> HF conversion, once per machine
-    "init_s": 41,                  # measured: two `thinkfast init` runs
+    "teacher_s": 32,               # measured: GGUF -> HF conversion, once per machine (26 s, 32 s)
+    "init_s": 30,                  # measured: two `thinkfast init` runs (41 s, 30 s)
     "prm_record_s": 1,             # measured: hashing the committed default PRM
     "prm_train_s": 360,            # README, Default PRM: `thinkfast prm train` took 352 s in all
     "distill_setup_s": 55,         # measured (MIL): data, tokenization, decontamination, held-out eval before/after
-    "distill_stage_s": 100,        # measured (MIL): regional torch.compile 94 s incl. the probe step, + checkpoints
+    "distill_stage_s": 80,         # measured (MIL): regional torch.compile 94 s / 63 s incl. the probe step
     "tokens_per_s": {              # distillation trainer throughput by (recipe, stage)
         ("mambainllama", "kd"): 103_700,  # measured: 50M tokens in 8:11 (reverse KL, chunked, compiled, micro 16)
         ("llamba", "kd"): 58_000,         # bench_distill.py, Llamba: 57,767 tok/s
         ("llamba", "hidden"): 58_000,     # guess: as kd (student fwd+bwd + teacher fwd, no vocab-wide loss)
         ("llamba", "matrix"): 30_000,     # guess: eager attention and L x L mixing matrices at seq 512
     },
-    "gsm8k_sampling_s": 64,        # measured: teacher, 500 x 64 completions, 7.35M tokens in 63.4 s
-    "math_sampling_s": 160,        # guess: GSM8K's measured 63 s x 2.5 for up to 1024 new tokens
-    "prm_scoring_s": 36,           # README, Default PRM: scoring 500 x 64 GSM8K-length completions, 36.3 s
-    "eval_task_s": 45,             # guess: lm_eval start, model load, CUDA graphs, answer grading (16 processes)
-    "bench_s": 390,                # lead: `thinkfast bench` ~6.5 min (HF generate rows are most of it)
+    "gsm8k_sampling_s": 112,       # measured, 500 x 64 completions: teacher 64 s (7.35M tokens), MambaInLlama 112 s
+    "math_sampling_s": 228,        # measured at 512 new tokens: teacher 73 s, MambaInLlama 114 s; x2 for 1024 (guess)
+    "prm_scoring_s": 77,           # measured: the default PRM on 500 x 64 GSM8K completions in the eval (36 s alone)
+    "math_grading_s": 223,         # measured: math-verify over 500 x 64 MATH answers, 16 processes
+    "eval_task_s": 45,             # measured: lm_eval start, model load, CUDA graphs, GSM8K answer grading (~45 s)
+    "bench_s": 390,                # measured: `thinkfast bench` 6:29 (HF generate rows are most of it)
     "leaderboard_s": 30,           # guess: tables and plots
 }
 TASK_GEN_TOKS = {"gsm8k500_bon": 400, "math500_bon": 1024}  # the task YAMLs' max_gen_toks
@@ -814,8 +851,10 @@ def estimate_seconds(repro: "Reproduction", stage: str) -> float:
             length = (b.gen_toks(task) or TASK_GEN_TOKS[task]) / TASK_GEN_TOKS[task]
             sampling = e["gsm8k_sampling_s"] if task.startswith("gsm8k") else e["math_sampling_s"]
             scoring = e["prm_scoring_s"] * (b.gen_toks(task) or TASK_GEN_TOKS[task]) / 400
+            grading = e["math_grading_s"] if task.startswith("math") else 0.0
+            # answer grading (CPU processes) and PRM scoring (GPU) run at the same time
             seconds += e["eval_task_s"] + scale * (sampling * length
-                                                    + (scoring if repro.prm_choice != "none" else 0))
+                                                    + max(grading, scoring if repro.prm_choice != "none" else 0))
     else:
         raise ValueError(f"unknown stage {stage!r}")
     return float(seconds + e["worker_start_s"])

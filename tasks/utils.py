@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 from lm_eval.api.metrics import mean
 from lm_eval.api.task import ConfigurableTask
 
-from harness_ext.scoring.answers import grade_completions, grade_many
+from harness_ext.scoring.answers import grade_completions, grading_in_background
 from harness_ext.scoring.metrics import bon_metrics, ks_for
 
 log = logging.getLogger("lm_eval.thinkfast.bon")  # under lm-eval's logger, so it shares its handler and format
@@ -140,19 +140,27 @@ class ScoredSample(dict):
     __repr__ = __str__
 
 
+def prm_step_scores(prm, problem: str, completions: list[str]) -> list[list[float]]:
+    """The PRM's score for every step of every completion."""
+    steps = [[float(s) for s in step] for step in prm.score(problem, list(completions))]
+    if len(steps) != len(completions):
+        raise RuntimeError(f"PRM returned {len(steps)} score lists for {len(completions)} completions")
+    return steps
+
+
 def score_completions(problem: str, gold: str, completions: list[str], style: str,
-                      prm=None, prm_aggregation: str = "min", graded: tuple | None = None) -> list[dict]:
+                      prm=None, prm_aggregation: str = "min", graded: tuple | None = None,
+                      step_scores: list[list[float]] | None = None) -> list[dict]:
     """One record per completion: extracted answer, answer class, correctness, PRM step scores and score.
-    `graded`: `grade_completions(gold, completions, style)` when already computed (`grade_many`)."""
+    `graded`: `grade_completions(gold, completions, style)` when already computed (`grade_many`);
+    `step_scores`: `prm_step_scores(prm, problem, completions)` when already computed."""
     answers, class_ids, class_correct = graded or grade_completions(gold, completions, style)
-    step_scores: list[list[float]] | None = None
+    if step_scores is None and prm is not None:
+        step_scores = prm_step_scores(prm, problem, completions)
     scores: list[float | None] = [None] * len(completions)
-    if prm is not None:
+    if step_scores is not None:
         from harness_ext.scoring.prm import aggregate
 
-        step_scores = [[float(s) for s in steps] for steps in prm.score(problem, list(completions))]
-        if len(step_scores) != len(completions):
-            raise RuntimeError(f"PRM returned {len(step_scores)} score lists for {len(completions)} completions")
         # aggregate() gives a completion with no step at all (empty text) 0, below every scored one
         scores = [float(aggregate(steps, how=prm_aggregation)) for steps in step_scores]
     return [
@@ -233,14 +241,18 @@ class BestOfNTask(ConfigurableTask):
                        f"'{{\"prm\": \"default\"}}'): bon@k and weighted_bon@k are not reported")
             log.warning(message)
         style = self.options.answer_style
-        graded = grade_many([(inst.doc["answer"], list(inst.resps), style) for inst in self._instances],
-                            desc=f"{self.config.task}: answers")
-        for instance, grades in zip(tqdm(self._instances, desc=f"{self.config.task}: PRM" if prm else
-                                         f"{self.config.task}: records", disable=len(self._instances) < 2), graded):
+        jobs = [(inst.doc["answer"], list(inst.resps), style) for inst in self._instances]
+        # math-verify grades on CPU worker processes while the PRM scores on the GPU here: the two overlap
+        with grading_in_background(jobs, desc=f"{self.config.task}: answers") as grading:
+            steps = [prm_step_scores(prm, inst.doc["problem"], list(inst.resps))
+                     for inst in tqdm(self._instances, desc=f"{self.config.task}: PRM",
+                                      disable=len(self._instances) < 2)] if prm is not None else None
+            graded = list(grading)
+        for i, (instance, grades) in enumerate(zip(self._instances, graded)):
             doc = instance.doc
             instance.filtered_resps[self.FILTER] = score_completions(
-                doc["problem"], doc["answer"], list(instance.resps), style,
-                prm=prm, prm_aggregation=self.options.prm_aggregation, graded=grades)
+                doc["problem"], doc["answer"], list(instance.resps), style, prm_aggregation=self.options.prm_aggregation,
+                graded=grades, step_scores=steps[i] if steps is not None else None)
         return self._instances
 
     def process_results(self, doc: dict, results: list) -> dict[str, float]:

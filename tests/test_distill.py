@@ -345,6 +345,20 @@ def test_curves_plot_from_metrics_and_malformed_rows(tmp_path):
                                              "tokens_per_s": 1e5, "mfu": 0.13}) for s in range(1, 6)) + "\n")
     png = plot_curves([metrics], tmp_path / "curves.png")
     assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"
+    # two runs of the same stage (1 GPU vs 2): told apart by their files, on one shared MFU axis
+    import matplotlib.pyplot as plt
+    other = tmp_path / "metrics_2gpu.jsonl"
+    other.write_text(metrics.read_text())
+    figures = []
+    original = plt.subplots
+    plt.subplots = lambda *a, **k: figures.append(original(*a, **k)) or figures[-1]
+    try:
+        plot_curves([metrics, other], tmp_path / "two.png")
+    finally:
+        plt.subplots = original
+    loss_ax, speed_ax = figures[0][1]
+    assert [t.get_text() for t in loss_ax.get_legend().get_texts()] == ["kd (metrics)", "kd (metrics_2gpu)"]
+    assert len(figures[0][0].axes) == 3  # loss, throughput, one MFU twin
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"step": 1, "loss": 2.0}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1: a metrics row needs 'tokens'"):

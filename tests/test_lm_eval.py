@@ -336,6 +336,10 @@ def test_repeats_collapse_into_one_prompt_times_n(lm, monkeypatch):
     # one engine call per (gen_kwargs, samples per prompt); each prompt prefilled once
     assert [c[:3] for c in calls] == [(2, 4, 1.0), (1, 3, 0.0)] and "8" in calls[1][3]
     assert next(iter(lm._engines.values())).stats["prefilled_prompts"] == 1
+    # the engine's time split, summed over both calls, travels with the results (config.thinkfast_generation)
+    engine = lm.get_model_info()["thinkfast_generation"]["engine"]
+    assert engine["prefilled_prompts"] >= 3 and engine["decode_steps"] > 0 and engine["batch_slots"] >= 8
+    assert 0 < engine["decode_s"] + engine["prefill_s"] <= lm.get_model_info()["thinkfast_generation"]["wall_clock_seconds"] + 1e-3
     assert len(set(out[8:])) == 1 and "8" not in out[8]  # greedy samples agree; cut before the stop string
     assert len(set(out[:4])) > 1  # sampled ones differ
 

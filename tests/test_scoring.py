@@ -253,6 +253,16 @@ def test_grade_many_in_worker_processes_equals_in_process():
     assert forked == [grade_completions(*job) for job in jobs]
     assert all(graded[0][-1] is None and graded[1][-1] is None for graded in forked)  # unparsable: no answer, no class
     assert any(True in graded[2].values() for graded in forked)
+    # in the background: the workers grade while this process works (the tasks score the PRM meanwhile)
+    import os
+    import time
+
+    from harness_ext.scoring.answers import grading_in_background
+    with grading_in_background(jobs, workers=2) as results:
+        time.sleep(0.5)
+        busy = [p for p in os.listdir("/proc") if p.isdigit() and open(f"/proc/{p}/stat").read().split()[3] == str(os.getpid())]
+        assert len(busy) >= 2  # the two forked graders exist before the results are read
+        assert list(results) == forked
 
 
 def test_regrade_samples_script_keeps_prm_scores_and_applies_the_current_grader(tmp_path):

@@ -154,6 +154,17 @@ class ThinkfastLM(HFLM):
             size = min(size, int(self._user_max_batch_size))
         return max(1, size)
 
+    def _add_engine_stats(self, stats: dict) -> None:
+        """Sum the engine's time split (prefill / decode / fork / host seconds, steps, calls) over generate calls:
+        where generation time goes, reported with the results (config.thinkfast_generation.engine)."""
+        total = self._generation.setdefault("engine", {})
+        for name, value in stats.items():
+            if name == "batch_slots":
+                total[name] = max(total.get(name, 0), int(value))
+            elif isinstance(value, (int, float)):
+                total[name] = round(total.get(name, 0) + value, 3)
+        log.info("engine: %s", ", ".join(f"{k}={v}" for k, v in sorted(stats.items())))
+
     def _engine(self, batch_size: int):
         from harness_ext.generation.engine import Engine
 
@@ -223,6 +234,7 @@ class ThinkfastLM(HFLM):
             self._generation["wall_clock_seconds"] += time.perf_counter() - started
             self._generation["generated_tokens"] += sum(c.num_tokens for group in outputs for c in group)
             self._generation["num_samples"] += sum(len(group) for group in outputs)
+            self._add_engine_stats(engine.stats)
             for (context, indices), completions in zip(prompts, outputs, strict=True):
                 for index, completion in zip(indices, completions, strict=True):
                     text = postprocess_generated_text(completion.text, stop=until, think_end_token=None)

@@ -21,6 +21,7 @@ and a timed-out comparison counts as "not equivalent".
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -397,17 +398,29 @@ def scoring_workers() -> int:
     return int(raw)
 
 
-def grade_many(jobs: Sequence[tuple[str, Sequence[str], str]], workers: int | None = None,
-               desc: str = "grading") -> list[tuple]:
-    """`grade_completions` over (gold, completions, style) jobs, in order. math-verify is CPU-bound sympy, so
-    large runs (500 problems x 64 samples) fan out over forked worker processes; small ones stay in-process."""
+@contextlib.contextmanager
+def grading_in_background(jobs: Sequence[tuple[str, Sequence[str], str]], workers: int | None = None,
+                          desc: str = "grading"):
+    """Start `grade_completions` over (gold, completions, style) jobs on forked worker processes and yield an
+    iterator over the results, in order: the caller can use the GPU meanwhile (the tasks score the PRM while
+    math-verify runs). Small runs, or workers <= 1, grade in-process when the iterator is read."""
     from tqdm import tqdm
 
     workers = scoring_workers() if workers is None else workers
     if workers <= 1 or len(jobs) < 4 * workers:
-        return [grade_completions(*job) for job in tqdm(jobs, desc=desc, disable=len(jobs) < 2)]
+        yield (grade_completions(*job) for job in tqdm(jobs, desc=desc, disable=len(jobs) < 2))
+        return
     import multiprocessing
 
     # fork: the workers inherit the imported modules (no re-import of torch); they touch no CUDA state
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        return list(tqdm(pool.imap(_grade_job, jobs, chunksize=2), total=len(jobs), desc=f"{desc} ({workers} procs)"))
+        results = pool.imap(_grade_job, jobs, chunksize=2)  # the workers start now
+        yield tqdm(results, total=len(jobs), desc=f"{desc} ({workers} procs)")
+
+
+def grade_many(jobs: Sequence[tuple[str, Sequence[str], str]], workers: int | None = None,
+               desc: str = "grading") -> list[tuple]:
+    """`grade_completions` over (gold, completions, style) jobs, in order. math-verify is CPU-bound sympy, so
+    large runs (500 problems x 64 samples) fan out over forked worker processes; small ones stay in-process."""
+    with grading_in_background(jobs, workers, desc) as results:
+        return list(results)
