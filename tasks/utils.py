@@ -140,6 +140,10 @@ class ScoredSample(dict):
     __repr__ = __str__
 
 
+# completions of this many problems share the PRM's length-sorted batches (16 x 64 = 1024 sequences a call)
+PRM_PROBLEMS_PER_CALL = 16
+
+
 def prm_step_scores(prm, problem: str, completions: list[str]) -> list[list[float]]:
     """The PRM's score for every step of every completion."""
     steps = [[float(s) for s in step] for step in prm.score(problem, list(completions))]
@@ -244,9 +248,21 @@ class BestOfNTask(ConfigurableTask):
         jobs = [(inst.doc["answer"], list(inst.resps), style) for inst in self._instances]
         # math-verify grades on CPU worker processes while the PRM scores on the GPU here: the two overlap
         with grading_in_background(jobs, desc=f"{self.config.task}: answers") as grading:
-            steps = [prm_step_scores(prm, inst.doc["problem"], list(inst.resps))
-                     for inst in tqdm(self._instances, desc=f"{self.config.task}: PRM",
-                                      disable=len(self._instances) < 2)] if prm is not None else None
+            steps = None
+            if prm is not None:
+                # several problems per call: the PRM sorts their completions by length into shared batches
+                steps = []
+                groups = range(0, len(self._instances), PRM_PROBLEMS_PER_CALL)
+                for start in tqdm(groups, desc=f"{self.config.task}: PRM ({PRM_PROBLEMS_PER_CALL} problems a call)",
+                                  disable=len(groups) < 2):
+                    group = self._instances[start:start + PRM_PROBLEMS_PER_CALL]
+                    scored = prm.score_many([inst.doc["problem"] for inst in group],
+                                            [list(inst.resps) for inst in group])
+                    for inst, per_completion in zip(group, scored):
+                        if len(per_completion) != len(inst.resps):
+                            raise RuntimeError(f"PRM returned {len(per_completion)} score lists for "
+                                               f"{len(inst.resps)} completions")
+                        steps.append([[float(x) for x in s] for s in per_completion])
             graded = list(grading)
         for i, (instance, grades) in enumerate(zip(self._instances, graded)):
             doc = instance.doc
