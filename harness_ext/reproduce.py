@@ -793,6 +793,8 @@ def summarize_eval(stage: str, task: str, results_root: Path, started: float, ch
     }
     if reported.get("engine"):
         generation["engine"] = reported["engine"]  # where the time went: prefill, decode, forks, host
+    if reported.get("warmup_seconds"):
+        generation["warmup_seconds"] = reported["warmup_seconds"]  # compilation + graph capture, untimed
     return {"task": task, "results": str(results_file.resolve()), "samples": str(samples_file.resolve()),
             "problems": problems, "parameters": (data.get("config") or {}).get("model_num_parameters"),
             "generation": generation}

@@ -344,6 +344,24 @@ def test_repeats_collapse_into_one_prompt_times_n(lm, monkeypatch):
     assert len(set(out[:4])) > 1  # sampled ones differ
 
 
+def test_warmup_is_untimed_and_changes_no_sample(tiny_student):
+    from lm_eval.api.instance import Instance
+
+    from harness_ext.lm_eval_ext.backend import ThinkfastLM
+
+    sampled = {"until": [], "do_sample": True, "temperature": 1.0, "max_gen_toks": 12}
+    requests = [Instance("generate_until", {}, ("Question one", sampled), 0, ("t", 0, 3))] * 3
+    outs = {}
+    for warmup in ("false", "true"):
+        lm = ThinkfastLM(pretrained=str(tiny_student), device="cpu", batch_size=8, warmup=warmup)
+        outs[warmup] = lm.generate_until(requests, disable_tqdm=True)
+        lm.generate_until(requests, disable_tqdm=True)  # a second call: already warm
+        info = lm.get_model_info()["thinkfast_generation"]
+        assert (info["warmup_seconds"] > 0) == (warmup == "true") and len(lm._warm) == (warmup == "true")
+        assert info["num_samples"] == 6  # the warm-up's samples are not counted
+    assert outs["true"] == outs["false"]  # the same seeds give the same samples after a warm-up
+
+
 def test_bad_model_arguments(tiny_student, tmp_path):
     from harness_ext.lm_eval_ext.backend import LlambaLM, ThinkfastLM
 

@@ -19,10 +19,13 @@ batched loglikelihood / loglikelihood_rolling on the model's forward (fp32 on CP
     prefilled once and its state forked into N decode slots.
 `--batch_size` is the engine's number of concurrent sequences for generation and the forward batch for
 loglikelihood; `auto` sizes the engine from free GPU memory and the decode state of one sequence (64 on CPU),
-and uses HFLM's search for loglikelihood.
+and uses HFLM's search for loglikelihood. Generation is timed for the leaderboards' time-budget plots
+(`config.thinkfast_generation` in the results: seconds, tokens, samples, the engine's time split); on CUDA an untimed
+warm-up first compiles the kernels and captures the CUDA graphs (`warmup=false|true` overrides).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -40,7 +43,7 @@ log = logging.getLogger(__name__)
 # HFLM arguments that make no sense here (thinkfast loads its own checkpoints on one device per process)
 _UNSUPPORTED = ("parallelize", "tp_plan", "peft", "delta", "autogptq", "gptqmodel", "gguf_file",
                 "max_memory_per_gpu", "max_cpu_memory", "offload_folder", "backend")
-_ACCEPTED = ("pretrained", "device", "dtype", "batch_size", "max_batch_size", "seed", "use_cuda_graphs",
+_ACCEPTED = ("pretrained", "device", "dtype", "batch_size", "max_batch_size", "seed", "use_cuda_graphs", "warmup",
              "max_length", "tokenizer", "add_bos_token", "prefix_token_id", "truncation", "logits_cache",
              "softmax_dtype", "mixed_precision_dtype", "use_fast_tokenizer", "revision", "subfolder",
              "think_end_token", "enable_thinking", "chat_template_args",
@@ -69,7 +72,7 @@ class ThinkfastLM(HFLM):
 
     def __init__(self, pretrained: str | None = None, device: str | None = None, dtype: str | None = "auto",
                  batch_size: int | str | None = 1, max_batch_size: int | None = None, seed: int = 0,
-                 use_cuda_graphs: bool | None = None, **kwargs) -> None:
+                 use_cuda_graphs: bool | None = None, warmup: bool | str | None = None, **kwargs) -> None:
         unknown = sorted(k for k in kwargs if k not in _ACCEPTED)
         if unknown:
             bad = ", ".join(repr(k) for k in unknown)
@@ -84,10 +87,15 @@ class ThinkfastLM(HFLM):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self._seed = int(seed)
         self._use_cuda_graphs = use_cuda_graphs
+        # warm-up (default on CUDA): kernel compilation / autotuning and CUDA-graph capture happen once per
+        # process, before the timed generation, so the reported generation time is the steady state's
+        self._warmup = None if warmup is None else str(warmup).lower() in ("1", "true", "yes", "on")
+        self._warm: set = set()
         self._engines: OrderedDict = OrderedDict()
         self._generate_calls = 0
         # generation alone, for the time-budget plots (lm-eval's own timing includes loading and scoring)
-        self._generation = {"wall_clock_seconds": 0.0, "generated_tokens": 0, "num_samples": 0}
+        self._generation = {"wall_clock_seconds": 0.0, "generated_tokens": 0, "num_samples": 0,
+                            "warmup_seconds": 0.0}
         self._user_max_batch_size = max_batch_size
         super().__init__(pretrained=pretrained, backend="causal", device=device, dtype=dtype,
                          batch_size=batch_size if batch_size is not None else 1,
@@ -153,6 +161,21 @@ class ThinkfastLM(HFLM):
         if self._user_max_batch_size:
             size = min(size, int(self._user_max_batch_size))
         return max(1, size)
+
+    def _warm_up(self, engine, token_prompts, params, n: int) -> None:
+        """Untimed: allocate the run's state and capture its graphs (`Engine.prepare`), then generate two tokens
+        for one short prompt, which compiles (and autotunes) the prefill and fork kernels. Once per engine and
+        sampling mode; its seconds are reported apart (thinkfast_generation.warmup_seconds)."""
+        enabled = self._warmup if self._warmup is not None else self.device.type == "cuda"
+        key = (id(engine), params.temperature == 0, params.top_k, params.top_p < 1.0)
+        if not enabled or key in self._warm:
+            return
+        t0 = time.perf_counter()
+        engine.prepare(n * len(token_prompts), max(len(p) for p in token_prompts), params)
+        engine.generate([token_prompts[0][-16:]], dataclasses.replace(params, max_new_tokens=2, stop_strings=()),
+                        n=min(n, 2), seed=0)
+        self._warm.add(key)
+        self._generation["warmup_seconds"] = round(self._generation["warmup_seconds"] + time.perf_counter() - t0, 3)
 
     def _add_engine_stats(self, stats: dict) -> None:
         """Sum the engine's time split (prefill / decode / fork / host seconds, steps, calls) over generate calls:
@@ -228,6 +251,7 @@ class ThinkfastLM(HFLM):
             # a different, reproducible seed per call and per data-parallel rank
             seed = self._seed + 1_000_003 * self._generate_calls + 7919 * self.rank
             self._generate_calls += 1
+            self._warm_up(engine, token_prompts, params, n)
             started = time.perf_counter()
             outputs = engine.generate(token_prompts, params, n=n, seed=seed,
                                       progress=not disable_tqdm and self.rank == 0)
