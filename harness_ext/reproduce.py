@@ -29,9 +29,12 @@ Scheduling: `--gpus N` devices (default: every visible CUDA device; 1 on CPU). A
 stages it reads have finished (evaluations also wait for the prm stage, the leaderboard for the bench) and a
 device is free, longest remaining chain first (estimated from H100_ESTIMATES: distill-llamba -> eval-llamba,
 then distill-mil -> eval-mil, eval-teacher, bench). Each stage runs in its own process (`python -m
-harness_ext.reproduce --worker ...`), pinned to one GPU with CUDA_VISIBLE_DEVICES. With one device the stages'
-output streams to the console as a serial run's would; with several, the console shows one line per start and
-finish and a status line every --heartbeat seconds, and each stage's output goes to its <stage>/log.txt only.
+harness_ext.reproduce --worker ...`), pinned to one GPU with CUDA_VISIBLE_DEVICES. With several devices an
+evaluation's two tasks are jobs of their own ("eval-mil:math500_bon", logged to eval-mil/log.math500_bon.txt),
+run at the same time on different GPUs, and the stage then only collects them (--no-split-eval: one job).
+With one device the stages' output streams to the console as a serial run's would; with several, the console
+shows one line per start and finish and a status line every --heartbeat seconds, and each stage's output goes to
+its <stage>/log.txt only.
 A failing stage stops new starts; running stages finish (and stamp); the failure is reported with its log. Ctrl-C
 or SIGTERM stops every stage process (their process groups); finished stages keep their stamps.
 
@@ -447,11 +450,10 @@ class Reproduction:
                              + "\n    ".join(last))
         return seconds
 
-    def run_stage(self, stage: str, force: bool) -> None:
+    def open_stage_folder(self, stage: str, force: bool) -> tuple[dict, str]:
+        """Before a stage (or the first of its tasks) runs: its dependencies are there, its folder holds its
+        current inputs (other inputs or --force: emptied first), and its old stamp is gone."""
         folder = self.stage_dir(stage)
-        if not force and self.valid_stamp(stage):
-            self.ran[stage] = "skipped"
-            return
         for dep in self.dependencies(stage):  # the scheduler's view: a recorded PRM starts beside the teacher
             self.upstream(stage, dep)
         inputs = self.inputs(stage)
@@ -462,6 +464,48 @@ class Reproduction:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / STAMP).unlink(missing_ok=True)  # outputs are about to change: the old stamp would lie
         atomic_write_json(folder / INPUTS, {"key": key, "inputs": inputs})
+        return inputs, key
+
+    def task_done(self, stage: str, task: str) -> bool:
+        """Whether an eval stage's task has its record and results (from this run or an interrupted one)."""
+        record = read_json(self.stage_dir(stage) / "tasks" / f"{task}.json")
+        return bool(record) and Path(record["results"]).is_file()
+
+    def run_eval_task(self, stage: str, task: str) -> None:
+        """One task of an eval stage, in a process of its own (the scheduler has opened the stage's folder); the
+        stage itself collects the tasks afterwards. Logs to <stage>/log.<task>.txt."""
+        folder = self.stage_dir(stage)
+        for dep in self.dependencies(stage):
+            self.upstream(stage, dep)
+        if (read_json(folder / INPUTS) or {}).get("key") != self.key(stage):
+            raise StageError(stage, f"{folder / INPUTS} does not hold the current inputs: the stage's folder was "
+                                    f"not opened for this run")
+        job = f"{stage}:{task}"
+        self.log_file = open(folder / f"log.{task}.txt", "a")
+        try:
+            self.log(f"stage {job} ({datetime.datetime.now().isoformat(timespec='seconds')})")
+            try:
+                self._eval_task(stage, folder, task)
+                self.write_eval_meta(stage, folder)
+            except StageError:
+                raise
+            except Exception as exc:
+                raise StageError(job, f"{type(exc).__name__}: {exc}") from exc
+            self.log(f"stage {job}: done")
+        except StageError as exc:
+            self.log_file.write(f"[reproduce] error: {exc}\n")
+            raise
+        finally:
+            self.log_file.close()
+            self.log_file = None
+        self.ran[job] = "ran"
+
+    def run_stage(self, stage: str, force: bool) -> None:
+        folder = self.stage_dir(stage)
+        if not force and self.valid_stamp(stage):
+            self.ran[stage] = "skipped"
+            return
+        inputs, key = self.open_stage_folder(stage, force)
         t0 = time.time()
         self.log_file = open(folder / "log.txt", "a")
         try:
@@ -610,25 +654,32 @@ class Reproduction:
         stage_at = [i for i, part in enumerate(path.parts) if part in STAGES]
         return self.workdir / Path(*path.parts[stage_at[-1]:]) if stage_at else path
 
+    def _eval_task(self, stage: str, folder: Path, task: str) -> dict:
+        """Run one lm_eval task of an eval stage, unless an earlier run finished it; its record."""
+        done_file = folder / "tasks" / f"{task}.json"
+        if self.task_done(stage, task):
+            record = read_json(done_file)
+            self.log(f"{task}: finished earlier ({record['results']})")
+            return record
+        backend, *_, checkpoint = self._eval_model(stage)
+        prm, _ = self.prm_spec()
+        cmd = self.lm_eval_cmd(backend, checkpoint, task, prm, folder / "lm_eval")
+        started = time.time()
+        seconds = self.execute(stage, cmd)
+        record = summarize_eval(stage, task, folder / "lm_eval", started, checkpoint, seconds, self.budget.n)
+        record.update(command=display(cmd), card=card_name(self.device), commit=self.commit)
+        atomic_write_json(done_file, record)
+        return record
+
     def _eval(self, stage: str, folder: Path):
-        backend, name, *_, checkpoint = self._eval_model(stage)
+        name = self._eval_model(stage)[1]
         prm, _ = self.prm_spec()
         if prm is None:
             self.log("no PRM (the prm stage has not finished, or --prm none): bon@k / weighted_bon@k will be n/a")
         results_root = folder / "lm_eval"
         generation, commands = {}, []
         for task in TASKS:
-            done_file = folder / "tasks" / f"{task}.json"
-            record = read_json(done_file)
-            if record and Path(record["results"]).is_file():
-                self.log(f"{task}: finished in an earlier, interrupted run ({record['results']})")
-            else:
-                cmd = self.lm_eval_cmd(backend, checkpoint, task, prm, results_root)
-                started = time.time()
-                seconds = self.execute(stage, cmd)
-                record = summarize_eval(stage, task, results_root, started, checkpoint, seconds, self.budget.n)
-                record.update(command=display(cmd), card=card_name(self.device), commit=self.commit)
-                atomic_write_json(done_file, record)
+            record = self._eval_task(stage, folder, task)
             commands.append(record["command"])
             generation[task] = record["generation"]
             meta = self.write_eval_meta(stage, folder)
@@ -846,20 +897,48 @@ def estimate_seconds(repro: "Reproduction", stage: str) -> float:
             e["distill_stage_s"] + (override if override is not None else tokens)
             / e["tokens_per_s"].get((student.recipe, name), 58_000)
             for name, (tokens, override) in stages.items())
+    elif ":" in stage:  # one task of an eval stage, run on a GPU of its own (see split_eval_tasks)
+        seconds = estimate_task_seconds(repro, stage.split(":", 1)[1])
     elif stage.startswith("eval-"):
-        scale = b.n / 64 * (b.limit or 500) / 500
-        seconds = 0.0
-        for task in TASKS:
-            length = (b.gen_toks(task) or TASK_GEN_TOKS[task]) / TASK_GEN_TOKS[task]
-            sampling = e["gsm8k_sampling_s"] if task.startswith("gsm8k") else e["math_sampling_s"]
-            scoring = e["prm_scoring_s"] * (b.gen_toks(task) or TASK_GEN_TOKS[task]) / 400
-            grading = e["math_grading_s"] if task.startswith("math") else 0.0
-            # answer grading (CPU processes) and PRM scoring (GPU) run at the same time
-            seconds += e["eval_task_s"] + scale * (sampling * length
-                                                    + max(grading, scoring if repro.prm_choice != "none" else 0))
+        seconds = sum(estimate_task_seconds(repro, task) for task in TASKS)
     else:
         raise ValueError(f"unknown stage {stage!r}")
     return float(seconds + e["worker_start_s"])
+
+
+def estimate_task_seconds(repro: "Reproduction", task: str) -> float:
+    """One lm_eval task of an eval stage: start-up, sampling, then answer grading (CPU processes) and PRM scoring
+    (GPU) at the same time."""
+    e, b = H100_ESTIMATES, repro.budget
+    scale = b.n / 64 * (b.limit or 500) / 500
+    length = (b.gen_toks(task) or TASK_GEN_TOKS[task]) / TASK_GEN_TOKS[task]
+    sampling = e["gsm8k_sampling_s"] if task.startswith("gsm8k") else e["math_sampling_s"]
+    scoring = e["prm_scoring_s"] * (b.gen_toks(task) or TASK_GEN_TOKS[task]) / 400
+    grading = e["math_grading_s"] if task.startswith("math") else 0.0
+    return e["eval_task_s"] + scale * (sampling * length + max(grading, scoring if repro.prm_choice != "none" else 0))
+
+
+def job_estimates(repro: "Reproduction", jobs: list[str]) -> dict[str, float]:
+    """Expected seconds per scheduler job; an eval stage whose tasks run as jobs of their own only collects them."""
+    return {j: (H100_ESTIMATES["worker_start_s"] + 5.0 if f"{j}:{TASKS[0]}" in jobs else estimate_seconds(repro, j))
+            for j in jobs}
+
+
+def split_eval_tasks(order: list[str], deps: dict[str, tuple[str, ...]]) -> tuple[list[str], dict]:
+    """With several GPUs, each eval stage's tasks become jobs of their own ("eval-mil:math500_bon"), run at the
+    same time on different GPUs; the stage itself then only collects them (its sidecar and stamp)."""
+    jobs, new_deps = [], {}
+    for stage in order:
+        if stage.startswith("eval-"):
+            parts = [f"{stage}:{task}" for task in TASKS]
+            for part in parts:
+                jobs.append(part)
+                new_deps[part] = deps[stage]
+            new_deps[stage] = tuple(parts)
+        else:
+            new_deps[stage] = deps[stage]
+        jobs.append(stage)
+    return jobs, new_deps
 
 
 def critical_paths(durations: dict[str, float], deps: dict[str, tuple[str, ...]]) -> dict[str, float]:
@@ -878,7 +957,7 @@ def critical_paths(durations: dict[str, float], deps: dict[str, tuple[str, ...]]
 def by_priority(jobs, priority: dict[str, float]) -> list[str]:
     """Longest remaining chain first; ties in pipeline order."""
     rank = {s: i for i, s in enumerate(STAGES)}
-    return sorted(jobs, key=lambda j: (-priority[j], rank.get(j, len(rank)), j))
+    return sorted(jobs, key=lambda j: (-priority[j], rank.get(j.split(":")[0], len(rank)), j))
 
 
 def simulate(durations: dict[str, float], deps: dict[str, tuple[str, ...]], n_devices: int,
@@ -913,26 +992,30 @@ def clock(seconds: float) -> str:
 
 def plan_report(repro: "Reproduction", order: list[str], deps: dict[str, tuple[str, ...]], n_devices: int,
                 done: frozenset = frozenset(), cuda_label: bool = True) -> str:
-    durations = {s: 0.0 if s in done else estimate_seconds(repro, s) for s in order}
+    durations = {s: 0.0 if s in done else t for s, t in job_estimates(repro, order).items()}
     placed = simulate(durations, deps, n_devices, done)
     lines = ["stage DAG (-> waits for; * soft: used when finished):"]
-    for stage in order:
+    for stage in (s for s in order if ":" not in s):
         hard = [d for d in repro.dependencies(stage)]
         soft = [f"{d}*" for d in repro.soft_dependencies(stage) if d in order]
         lines.append(f"  {stage:<15} -> {', '.join(hard + soft) or '-'}")
     b = repro.budget
     lines.append(f"greedy list schedule on {n_devices} device(s), budget {b.name}, H100 estimates "
                  f"(H100_ESTIMATES in harness_ext/reproduce.py):")
-    lines.append(f"  {'stage':<15} {'device':<7} {'start':>6} {'end':>6} {'takes':>6}")
-    for stage in sorted(order, key=lambda s: (placed.get(s, (0, 1e9, 0))[1], STAGES.index(s))):
+    if any(":" in s for s in order):
+        lines.append("each evaluation's tasks run at the same time on GPUs of their own (stage:task), then the "
+                     "stage collects them")
+    width = max(15, *(len(s) for s in order))
+    lines.append(f"  {'stage':<{width}} {'device':<7} {'start':>6} {'end':>6} {'takes':>6}")
+    for stage in sorted(order, key=lambda s: (placed.get(s, (0, 1e9, 0))[1], STAGES.index(s.split(":")[0]), s)):
         if stage in done:
-            lines.append(f"  {stage:<15} {'-':<7} {'':>6} {'':>6} {'done':>6}")
+            lines.append(f"  {stage:<{width}} {'-':<7} {'':>6} {'':>6} {'done':>6}")
         elif stage not in placed:
-            lines.append(f"  {stage:<15} {'-':<7} waits for a stage outside --stages")
+            lines.append(f"  {stage:<{width}} {'-':<7} waits for a stage outside --stages")
         else:
             device, start, end = placed[stage]
             label = f"cuda:{device}" if cuda_label else f"cpu:{device}"
-            lines.append(f"  {stage:<15} {label:<7} {clock(start):>6} {clock(end):>6} {clock(end - start):>6}")
+            lines.append(f"  {stage:<{width}} {label:<7} {clock(start):>6} {clock(end):>6} {clock(end - start):>6}")
     total = max((end for _, _, end in placed.values()), default=0.0)
     # the chain that sets the wall-clock: walk back from the last job through the dependency that ends last
     chain, job = [], max(placed, key=lambda j: placed[j][2], default=None)
@@ -1202,12 +1285,12 @@ class Scheduler:
 WORKERS = ".workers"  # <workdir>/.workers/<stage>.json: a stage process's result, read by the scheduler
 
 
-def worker_command(repro: Reproduction, stage: str, force: bool) -> list[str]:
+def worker_command(repro: Reproduction, stage: str, force: bool, task: str | None = None) -> list[str]:
     config = {"workdir": str(repro.workdir), "teacher": repro.teacher_spec, "budget": repro.budget.to_json(),
               "smoke": repro.smoke, "device": repro.device, "prm": repro.prm_choice,
               "publish": str(repro.publish) if repro.publish else None, "seed": repro.seed}
     return [sys.executable, "-m", "harness_ext.reproduce", "--worker", json.dumps(config), stage,
-            *(["--force"] if force else [])]
+            *(["--force"] if force else []), *(["--task", task] if task else [])]
 
 
 def worker_main(argv: list[str]) -> int:
@@ -1217,35 +1300,53 @@ def worker_main(argv: list[str]) -> int:
               "(started by `thinkfast reproduce`; run that instead)", file=sys.stderr)
         return 2
     config, stage, force = json.loads(argv[1]), argv[2], "--force" in argv[3:]
+    task = argv[argv.index("--task") + 1] if "--task" in argv[3:-1] else None
     repro = Reproduction(Path(config["workdir"]), config["teacher"], Budget.from_json(config["budget"]),
                          config["smoke"], config["device"], config["prm"],
                          Path(config["publish"]) if config["publish"] else None, config["seed"])
-    result = repro.workdir / WORKERS / f"{stage}.json"
+    job = f"{stage}:{task}" if task else stage
+    result = repro.workdir / WORKERS / f"{job}.json"
     try:
-        repro.run_stage(stage, force=force)
+        if task:
+            repro.run_eval_task(stage, task)
+        else:
+            repro.run_stage(stage, force=force)
     except StageError as exc:
-        atomic_write_json(result, {"stage": stage, "status": "failed", "error": str(exc)})
+        atomic_write_json(result, {"stage": job, "status": "failed", "error": str(exc)})
         print(f"[reproduce] error: {exc}", file=sys.stderr, flush=True)
         return 1
-    atomic_write_json(result, {"stage": stage, "status": repro.ran[stage]})
+    atomic_write_json(result, {"stage": job, "status": repro.ran[job]})
     return 0
 
 
 class StageRunner:
     """The Scheduler's callbacks for a Reproduction: up-to-date checks, worker commands, reading results."""
 
-    def __init__(self, repro: Reproduction, forced: list[str]):
-        self.repro, self.forced = repro, set(forced)
+    def __init__(self, repro: Reproduction, forced: list[str], split: bool = False):
+        self.repro, self.forced, self.split = repro, set(forced), split
+        self.opened: set[str] = set()  # eval stages whose folder this run has opened for their task jobs
 
-    def prepare(self, stage: str) -> Launch | str:
+    def prepare(self, job: str) -> Launch | str:
         repro = self.repro
+        stage, _, task = job.partition(":")
         if stage not in self.forced and repro.valid_stamp(stage):
             return str(repro.stage_dir(stage) / STAMP)
         for dep in repro.dependencies(stage):
             repro.upstream(stage, dep)  # a missing upstream stage fails here, named, before a process starts
         repro.inputs(stage)
-        (repro.workdir / WORKERS / f"{stage}.json").unlink(missing_ok=True)
-        return Launch(worker_command(repro, stage, stage in self.forced), repro.stage_dir(stage) / "log.txt")
+        (repro.workdir / WORKERS / f"{job}.json").unlink(missing_ok=True)
+        if task:
+            # once, here in the scheduler (the task jobs start together): empty the folder if its inputs changed
+            # or --force, so that the task processes only add to it
+            if stage not in self.opened:
+                repro.open_stage_folder(stage, force=stage in self.forced)
+                self.opened.add(stage)
+            if repro.task_done(stage, task):
+                return str(repro.stage_dir(stage) / "tasks" / f"{task}.json")
+            return Launch(worker_command(repro, stage, False, task=task), repro.stage_dir(stage) / f"log.{task}.txt")
+        # an eval stage whose tasks ran as jobs of their own only collects them: no --force (it would empty them)
+        force = stage in self.forced and stage not in self.opened
+        return Launch(worker_command(repro, stage, force), repro.stage_dir(stage) / "log.txt")
 
     def finish(self, stage: str, returncode: int, tail: str) -> str | None:
         result = read_json(self.repro.workdir / WORKERS / f"{stage}.json") or {}
@@ -1287,6 +1388,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", type=int, default=None,
                         help="devices to spread stages over, one stage per device (default: every visible CUDA "
                              "device; 1 on CPU)")
+    parser.add_argument("--split-eval", action=argparse.BooleanOptionalAction, default=True,
+                        help="with several devices, run each evaluation's tasks (GSM8K-500, MATH-500) at the same "
+                             "time on devices of their own (default: on)")
     parser.add_argument("--plan", action="store_true",
                         help="print the stage DAG, the device schedule and the expected wall-clock from H100 "
                              "estimates; run nothing")
@@ -1352,15 +1456,18 @@ def run(args: argparse.Namespace) -> int:
     order = [s for s in STAGES if s in selected and not (s == "prm" and prm == "none")]
     # soft dependencies order stages too: an evaluation waits for the PRM, the leaderboard for the bench
     deps = {s: tuple(d for d in (*repro.dependencies(s), *repro.soft_dependencies(s)) if d in order) for s in order}
-    estimates = {s: estimate_seconds(repro, s) for s in order}
+    split = gpus > 1 and args.split_eval
+    jobs, job_deps = split_eval_tasks(order, deps) if split else (order, deps)
+    estimates = job_estimates(repro, jobs)
 
-    done: set[str] = set()  # up to date now and reading only up-to-date stages (order is topological)
-    for s in order:
-        if s not in forced and all(d in done for d in deps[s]) and repro.valid_stamp(s):
-            done.add(s)
+    done: set[str] = set()  # up to date now and reading only up-to-date stages (jobs are in topological order)
+    for j in jobs:
+        stage = j.split(":")[0]
+        if stage not in forced and all(d in done for d in job_deps[j]) and repro.valid_stamp(stage):
+            done.add(j)
     if args.plan:
         print(f"[reproduce] plan for {workdir} (nothing runs):")
-        print(plan_report(repro, order, deps, gpus, frozenset(done), cuda_label=device == "cuda"))
+        print(plan_report(repro, jobs, job_deps, gpus, frozenset(done), cuda_label=device == "cuda"))
         return 0
 
     slots = devices_for(gpus, device == "cuda")
@@ -1370,11 +1477,11 @@ def run(args: argparse.Namespace) -> int:
           f"{'trained here' if prm == 'train' else prm}", flush=True)
     if not smoke:
         todo = {s: 0.0 if s in done else t for s, t in estimates.items()}
-        total = max((end for _, _, end in simulate(todo, deps, gpus, frozenset(done)).values()), default=0)
+        total = max((end for _, _, end in simulate(todo, job_deps, gpus, frozenset(done)).values()), default=0)
         print(f"[reproduce] expected wall-clock on H100s: {clock(total)} (m:ss; `--plan` shows the schedule)",
               flush=True)
-    runner = StageRunner(repro, forced)
-    scheduler = Scheduler(order, deps, critical_paths(estimates, deps), slots, runner.prepare, runner.finish,
+    runner = StageRunner(repro, forced, split=split)
+    scheduler = Scheduler(jobs, job_deps, critical_paths(estimates, job_deps), slots, runner.prepare, runner.finish,
                           runner.tolerate, estimates=None if smoke else estimates, echo=gpus == 1,
                           heartbeat_s=args.heartbeat)
     previous = signal.getsignal(signal.SIGTERM)
@@ -1391,7 +1498,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
-    summary(scheduler, order, t0)
+    summary(scheduler, jobs, t0)
     board = repro.valid_stamp("leaderboard") if "leaderboard" in order and code == 0 else None
     if board:
         print(f"[reproduce] leaderboard: {board['outputs']['markdown']}", flush=True)

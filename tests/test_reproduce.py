@@ -226,11 +226,20 @@ def test_plan_prints_dag_schedule_on_four_gpus(tmp_path, capsys):
     assert "eval-llamba     -> distill-llamba, prm*" in text
     assert "leaderboard     -> eval-teacher, eval-mil, eval-llamba, bench*" in text
     for stage in R.STAGES:
-        assert f"\n  {stage:<15} cuda:" in text, stage
+        assert re.search(rf"\n  {stage} +cuda:", text), stage
+    # several GPUs: each evaluation's two tasks run at once on GPUs of their own, then the stage collects them
+    for stage in ("eval-teacher", "eval-mil", "eval-llamba"):
+        starts = [re.search(rf"\n  {stage}:{task} +cuda:\d +(\d+:\d\d)", text).group(1) for task in R.TASKS]
+        assert starts[0] == starts[1], (stage, starts)
     total = re.search(r"expected wall-clock: (\d+):(\d\d).*serial: (\d+):(\d\d)", text)
     wall, serial = (int(total.group(1)) * 60 + int(total.group(2)), int(total.group(3)) * 60 + int(total.group(4)))
     assert wall < serial / 2  # four GPUs: the critical path, not the sum of the stages
-    assert "critical path teacher -> init -> distill-llamba -> eval-llamba -> leaderboard" in text
+    assert re.search(r"critical path teacher -> init -> distill-(mil|llamba) -> eval-\w+:math500_bon -> eval-\w+ "
+                     r"-> leaderboard", text)
+    assert R.run(parse("--plan", "--gpus", "4", "--budget", "fast", "--no-split-eval", "--workdir", str(tmp_path))) == 0
+    unsplit = capsys.readouterr().out
+    assert ":math500_bon" not in unsplit and "critical path teacher -> init -> distill-llamba -> eval-llamba -> " \
+        "leaderboard" in unsplit
     assert "math500_bon max_gen_toks 512 (full 1024)" in text and "llamba kd 16,000,000 tokens" in text
     assert not any(tmp_path.iterdir())  # nothing ran
 
@@ -385,6 +394,32 @@ def test_stage_subset_and_force(smoke_run):
     # the re-run leaderboard is itself up to date now
     result = cli("--smoke", "--workdir", str(workdir), "--stages", "leaderboard")
     assert result.returncode == 0 and "[reproduce] leaderboard: up to date" in result.stdout
+
+
+@pytest.mark.slow
+def test_eval_tasks_run_as_jobs_of_their_own_on_two_devices(smoke_run):
+    workdir, _ = smoke_run
+    before = stamps(workdir)
+    result = cli("--smoke", "--workdir", str(workdir), "--gpus", "2", "--stages", "eval-teacher",
+                 "--force", "eval-teacher", "--heartbeat", "600")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    lines = result.stdout.splitlines()
+    at = lambda text: next(i for i, line in enumerate(lines) if text in line)  # noqa: E731
+    started = [at(f"eval-teacher:{task} started on cpu:") for task in R.TASKS]
+    finished = [at(f"eval-teacher:{task} finished on cpu:") for task in R.TASKS]
+    assert max(started) < min(finished)  # both tasks ran at the same time
+    assert at("eval-teacher started on cpu:") > max(finished)  # then the stage collected them
+    folder = workdir / "eval-teacher"
+    assert all((folder / f"log.{task}.txt").is_file() for task in R.TASKS)
+    collected = (folder / "log.txt").read_text()
+    assert all(f"{task}: finished earlier" in collected for task in R.TASKS) and "$ lm_eval" not in collected
+    stamp = json.loads((folder / R.STAMP).read_text())
+    meta = json.loads(Path(stamp["outputs"]["meta"]).read_text())
+    assert set(meta["generation"]) == set(R.TASKS) and meta["tasks_missing"] == []
+    after = stamps(workdir)
+    assert after["eval-teacher"] != before["eval-teacher"]
+    assert {s: v for s, v in after.items() if s not in ("eval-teacher", "leaderboard")} == {
+        s: v for s, v in before.items() if s not in ("eval-teacher", "leaderboard")}
 
 
 @pytest.mark.slow
