@@ -51,6 +51,7 @@ failed in --smoke) evaluation runs without a PRM and the leaderboard shows bon /
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -481,24 +482,30 @@ class Reproduction:
             raise StageError(stage, f"{folder / INPUTS} does not hold the current inputs: the stage's folder was "
                                     f"not opened for this run")
         job = f"{stage}:{task}"
-        self.log_file = open(folder / f"log.{task}.txt", "a")
+        with self._logged(job, folder / f"log.{task}.txt", ""):
+            self._eval_task(stage, folder, task)
+            self.write_eval_meta(stage, folder)
+            self.log(f"stage {job}: done")
+        self.ran[job] = "ran"
+
+    @contextlib.contextmanager
+    def _logged(self, name: str, log_path: Path, note: str):
+        """Log to log_path while the body runs; any error becomes a StageError naming `name`, logged there too."""
+        self.log_file = open(log_path, "a")
         try:
-            self.log(f"stage {job} ({datetime.datetime.now().isoformat(timespec='seconds')})")
+            self.log(f"stage {name} ({datetime.datetime.now().isoformat(timespec='seconds')}){note}")
             try:
-                self._eval_task(stage, folder, task)
-                self.write_eval_meta(stage, folder)
+                yield
             except StageError:
                 raise
-            except Exception as exc:
-                raise StageError(job, f"{type(exc).__name__}: {exc}") from exc
-            self.log(f"stage {job}: done")
+            except Exception as exc:  # a component's own error: name the stage, keep the message
+                raise StageError(name, f"{type(exc).__name__}: {exc}") from exc
         except StageError as exc:
             self.log_file.write(f"[reproduce] error: {exc}\n")
             raise
         finally:
             self.log_file.close()
             self.log_file = None
-        self.ran[job] = "ran"
 
     def run_stage(self, stage: str, force: bool) -> None:
         folder = self.stage_dir(stage)
@@ -507,15 +514,8 @@ class Reproduction:
             return
         inputs, key = self.open_stage_folder(stage, force)
         t0 = time.time()
-        self.log_file = open(folder / "log.txt", "a")
-        try:
-            self.log(f"stage {stage} ({datetime.datetime.now().isoformat(timespec='seconds')}), inputs {key}")
-            try:
-                outputs, commands, extra = getattr(self, "stage_" + stage.replace("-", "_"))(folder)
-            except StageError:
-                raise
-            except Exception as exc:  # a component's own error: name the stage, keep the message
-                raise StageError(stage, f"{type(exc).__name__}: {exc}") from exc
+        with self._logged(stage, folder / "log.txt", f", inputs {key}"):
+            outputs, commands, extra = getattr(self, "stage_" + stage.replace("-", "_"))(folder)
             seconds = time.time() - t0
             stamp = {"stage": stage, "key": key, "inputs": inputs, "outputs": outputs, "commands": commands,
                      "timings": {"seconds": round(seconds, 1), **extra.pop("timings", {})}, **extra,
@@ -523,12 +523,6 @@ class Reproduction:
                      "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
             atomic_write_json(folder / STAMP, stamp)  # last: the stage counts as done only now
             self.log(f"stage {stage}: done in {seconds:.1f}s -> {folder}")
-        except StageError as exc:
-            self.log_file.write(f"[reproduce] error: {exc}\n")
-            raise
-        finally:
-            self.log_file.close()
-            self.log_file = None
         self.ran[stage] = "ran"
 
     # -- the stages: each returns (outputs, commands, extra stamp fields)
