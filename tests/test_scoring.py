@@ -128,7 +128,10 @@ def test_signature_shortcut_agrees_with_math_verify():
         for _ in range(30)} | {
         # what small models write after "the answer is": equations, chains, sets, text
         "2+2=4", "8*10=80", "y=4", "4=2*2=4", "\\{4\\}", "\\{4,5\\}", "(4,5)", "x<4", "4 eggs and 5 hens",
-        "the same as before", "80"})
+        "the same as before", "80",
+        # intervals and unions (an interval equals no number), and what they may be confused with
+        "(5,\\infty)", "(5, \\infty)", "[2,12)\\cup(12,\\infty)", "(-\\infty,0]", "x>5", "\\{5\\}", "5",
+        "(2,12)", "[2,12]", "\\infty", "(-\\infty,\\infty)", "\\mathbb{R}"})
     for a, b in itertools.combinations(pool, 2):
         na, nb = normalize_answer(a), normalize_answer(b)
         if na is None or nb is None or na == nb:

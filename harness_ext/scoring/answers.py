@@ -272,8 +272,8 @@ def _signature(normalized: str, timeout_s: float = TIMEOUT_S) -> tuple:
     """A cheap description of a parsed answer that rules out most unequal pairs without `verify`:
     ("number", ...) / ("expr", ...) (see `_value_signature`); ("eq", right-hand sides) for an equation or a chain
     of them (math-verify compares an equation with a non-equation through its right-hand side); ("set", elements)
-    for a finite set; ("text", text) when math-verify kept only the text; ("other",) for intervals, inequalities,
-    matrices, tuples...; ("unparsed",) when math-verify finds nothing."""
+    for a finite set; ("interval",) for an interval or a union holding one; ("text", text) when math-verify kept
+    only the text; ("other",) for inequalities, matrices, tuples...; ("unparsed",) when math-verify finds nothing."""
     if _PLAIN_NUMBER.fullmatch(normalized):  # most votes (GSM8K's all): no sympy needed
         return ("number", round(float(normalized), 6) + 0.0, 0.0)
     if _is_prose(normalized):  # "4 eggs and 5 hens": math-verify reads a product of letters; only text matches
@@ -292,13 +292,17 @@ def _signature(normalized: str, timeout_s: float = TIMEOUT_S) -> tuple:
         return ("eq", tuple(_value_signature(a.rhs, timeout_s) for a in expr.args))
     if isinstance(expr, sympy.FiniteSet):
         return ("set", tuple(_value_signature(e, timeout_s) for e in expr.args))
+    if isinstance(expr, sympy.Interval) or (isinstance(expr, sympy.Union)
+                                            and any(isinstance(a, sympy.Interval) for a in expr.args)):
+        return ("interval",)  # sympy makes [a, a] a FiniteSet: an Interval is never a single number
     return _value_signature(expr, timeout_s)
 
 
 def _may_be_equal(sa: tuple, sb: tuple) -> bool:
     """False only where math-verify cannot call the two equal: two numbers that differ after its 6-decimal rounding,
     two expressions that differ at the probe point, a number against an expression in free symbols, an equation
-    none of whose right-hand sides may equal the other answer, sets of different sizes, different texts."""
+    none of whose right-hand sides may equal the other answer, sets of different sizes, an interval against a
+    number or an expression, different texts."""
     kinds = {sa[0], sb[0]}
     if "unparsed" in kinds:
         return False
@@ -309,6 +313,10 @@ def _may_be_equal(sa: tuple, sb: tuple) -> bool:
             return True  # equation against equation: math-verify's relational comparison decides
         equation, other = (sa, sb) if sa[0] == "eq" else (sb, sa)
         return any(_may_be_equal(rhs, other) for rhs in equation[1])
+    if "interval" in kinds:
+        # a continuum equals no number or expression; against another interval, a finite set or a tuple (math-verify
+        # reads "(1,2)" as an interval and as a pair, so it equals {1,2}) verify decides
+        return kinds <= {"interval", "set", "other"}
     if sa[0] == "set" or sb[0] == "set":
         if sa[0] == sb[0]:
             return len(sa[1]) == len(sb[1])
