@@ -451,12 +451,17 @@ class Reproduction:
                              + "\n    ".join(last))
         return seconds
 
+    def require_upstream(self, stage: str) -> None:
+        """Every stage this one reads has a valid stamp (the scheduler's view: a recorded PRM starts beside the
+        teacher); else a StageError naming the missing one."""
+        for dep in self.dependencies(stage):
+            self.upstream(stage, dep)
+
     def open_stage_folder(self, stage: str, force: bool) -> tuple[dict, str]:
         """Before a stage (or the first of its tasks) runs: its dependencies are there, its folder holds its
         current inputs (other inputs or --force: emptied first), and its old stamp is gone."""
         folder = self.stage_dir(stage)
-        for dep in self.dependencies(stage):  # the scheduler's view: a recorded PRM starts beside the teacher
-            self.upstream(stage, dep)
+        self.require_upstream(stage)
         inputs = self.inputs(stage)
         key = digest(inputs)
         previous = read_json(folder / INPUTS)
@@ -476,8 +481,7 @@ class Reproduction:
         """One task of an eval stage, in a process of its own (the scheduler has opened the stage's folder); the
         stage itself collects the tasks afterwards. Logs to <stage>/log.<task>.txt."""
         folder = self.stage_dir(stage)
-        for dep in self.dependencies(stage):
-            self.upstream(stage, dep)
+        self.require_upstream(stage)
         if (read_json(folder / INPUTS) or {}).get("key") != self.key(stage):
             raise StageError(stage, f"{folder / INPUTS} does not hold the current inputs: the stage's folder was "
                                     f"not opened for this run")
@@ -1316,8 +1320,8 @@ def worker_main(argv: list[str]) -> int:
 class StageRunner:
     """The Scheduler's callbacks for a Reproduction: up-to-date checks, worker commands, reading results."""
 
-    def __init__(self, repro: Reproduction, forced: list[str], split: bool = False):
-        self.repro, self.forced, self.split = repro, set(forced), split
+    def __init__(self, repro: Reproduction, forced: list[str]):
+        self.repro, self.forced = repro, set(forced)
         self.opened: set[str] = set()  # eval stages whose folder this run has opened for their task jobs
 
     def prepare(self, job: str) -> Launch | str:
@@ -1325,8 +1329,7 @@ class StageRunner:
         stage, _, task = job.partition(":")
         if stage not in self.forced and repro.valid_stamp(stage):
             return str(repro.stage_dir(stage) / STAMP)
-        for dep in repro.dependencies(stage):
-            repro.upstream(stage, dep)  # a missing upstream stage fails here, named, before a process starts
+        repro.require_upstream(stage)  # a missing upstream stage fails here, named, before a process starts
         repro.inputs(stage)
         (repro.workdir / WORKERS / f"{job}.json").unlink(missing_ok=True)
         if task:
@@ -1474,7 +1477,7 @@ def run(args: argparse.Namespace) -> int:
         total = max((end for _, _, end in simulate(todo, job_deps, gpus, frozenset(done)).values()), default=0)
         print(f"[reproduce] expected wall-clock on H100s: {clock(total)} (m:ss; `--plan` shows the schedule)",
               flush=True)
-    runner = StageRunner(repro, forced, split=split)
+    runner = StageRunner(repro, forced)
     scheduler = Scheduler(jobs, job_deps, critical_paths(estimates, job_deps), slots, runner.prepare, runner.finish,
                           runner.tolerate, estimates=None if smoke else estimates, echo=gpus == 1,
                           heartbeat_s=args.heartbeat)

@@ -144,12 +144,13 @@ class ScoredSample(dict):
 PRM_PROBLEMS_PER_CALL = 16
 
 
-def prm_step_scores(prm, problem: str, completions: list[str]) -> list[list[float]]:
-    """The PRM's score for every step of every completion."""
-    steps = [[float(s) for s in step] for step in prm.score(problem, list(completions))]
-    if len(steps) != len(completions):
-        raise RuntimeError(f"PRM returned {len(steps)} score lists for {len(completions)} completions")
-    return steps
+def prm_step_scores(prm, problems: list[str], completions: list[list[str]]) -> list[list[list[float]]]:
+    """The PRM's score for every step of every completion of every problem (one shared, length-sorted batching)."""
+    scored = prm.score_many(list(problems), [list(c) for c in completions])
+    for per_problem, comps in zip(scored, completions):
+        if len(per_problem) != len(comps):
+            raise RuntimeError(f"PRM returned {len(per_problem)} score lists for {len(comps)} completions")
+    return [[[float(x) for x in steps] for steps in per_problem] for per_problem in scored]
 
 
 def score_completions(problem: str, gold: str, completions: list[str], style: str,
@@ -157,10 +158,10 @@ def score_completions(problem: str, gold: str, completions: list[str], style: st
                       step_scores: list[list[float]] | None = None) -> list[dict]:
     """One record per completion: extracted answer, answer class, correctness, PRM step scores and score.
     `graded`: `grade_completions(gold, completions, style)` when already computed (`grade_many`);
-    `step_scores`: `prm_step_scores(prm, problem, completions)` when already computed."""
+    `step_scores`: this problem's part of `prm_step_scores` when already computed."""
     answers, class_ids, class_correct = graded or grade_completions(gold, completions, style)
     if step_scores is None and prm is not None:
-        step_scores = prm_step_scores(prm, problem, completions)
+        (step_scores,) = prm_step_scores(prm, [problem], [completions])
     scores: list[float | None] = [None] * len(completions)
     if step_scores is not None:
         from harness_ext.scoring.prm import aggregate
@@ -256,13 +257,8 @@ class BestOfNTask(ConfigurableTask):
                 for start in tqdm(groups, desc=f"{self.config.task}: PRM ({PRM_PROBLEMS_PER_CALL} problems a call)",
                                   disable=len(groups) < 2):
                     group = self._instances[start:start + PRM_PROBLEMS_PER_CALL]
-                    scored = prm.score_many([inst.doc["problem"] for inst in group],
-                                            [list(inst.resps) for inst in group])
-                    for inst, per_completion in zip(group, scored):
-                        if len(per_completion) != len(inst.resps):
-                            raise RuntimeError(f"PRM returned {len(per_completion)} score lists for "
-                                               f"{len(inst.resps)} completions")
-                        steps.append([[float(x) for x in s] for s in per_completion])
+                    steps += prm_step_scores(prm, [inst.doc["problem"] for inst in group],
+                                             [list(inst.resps) for inst in group])
             graded = list(grading)
         for i, (instance, grades) in enumerate(zip(self._instances, graded)):
             doc = instance.doc

@@ -165,9 +165,9 @@ class ThinkfastLM(HFLM):
     def _warm_up(self, engine, token_prompts, params, n: int) -> None:
         """Untimed: allocate the run's state and capture its graphs (`Engine.prepare`), then generate two tokens
         for one short prompt, which compiles (and autotunes) the prefill and fork kernels. Once per engine and
-        sampling mode; its seconds are reported apart (thinkfast_generation.warmup_seconds)."""
+        sampling mode (greedy, top-k, top-p: what its graphs are keyed by); its seconds are reported apart (thinkfast_generation.warmup_seconds)."""
         enabled = self._warmup if self._warmup is not None else self.device.type == "cuda"
-        key = (id(engine), params.temperature == 0, params.top_k, params.top_p < 1.0)
+        key = (params.temperature == 0, params.top_k, params.top_p < 1.0)  # the engine's CUDA-graph key
         if not enabled or key in self._warm:
             return
         t0 = time.perf_counter()
@@ -193,6 +193,7 @@ class ThinkfastLM(HFLM):
 
         if batch_size not in self._engines:
             self._engines.clear()  # one engine (and its static state / CUDA graphs) at a time
+            self._warm.clear()  # the new engine warms up afresh
             self._engines[batch_size] = Engine(self.model, self.tokenizer, max_batch_size=batch_size,
                                                use_cuda_graphs=self._use_cuda_graphs)
         return self._engines[batch_size]
