@@ -25,7 +25,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     return rows
 
 
-def plot_curves(paths: list[str | Path], out: str | Path) -> Path:
+def plot_curves(paths: list[str | Path], out: str | Path, labels: list[str] | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,22 +35,24 @@ def plot_curves(paths: list[str | Path], out: str | Path) -> Path:
     mfu_ax = None  # one MFU axis shared by every file
     runs = [(path, read_metrics(path)) for path in paths]
     stages = [rows[0].get("stage") or Path(path).parent.name for path, rows in runs]
-    for (path, rows), stage in zip(runs, stages):
+    if labels is not None and len(labels) != len(runs):
+        raise ValueError(f"{len(labels)} labels for {len(runs)} metrics files")
+    for k, ((path, rows), stage) in enumerate(zip(runs, stages)):
         # the stage names a run's curve, unless several runs share one (1 GPU vs 2): then the file does
-        label = stage if stages.count(stage) == 1 else f"{stage} ({Path(path).stem})"
+        label = labels[k] if labels else stage if stages.count(stage) == 1 else f"{stage} ({Path(path).stem})"
         tokens = [r["tokens"] / 1e6 for r in rows]
         (line,) = loss_ax.plot(tokens, [r["loss"] for r in rows], label=label)
-        speed_ax.plot(tokens, [r.get("tokens_per_s", float("nan")) / 1e3 for r in rows], color=line.get_color(),
+        speed_ax.plot(tokens, [(r.get("tokens_per_s") or float("nan")) / 1e3 for r in rows], color=line.get_color(),
                       label=f"{label} tok/s")
         if any("mfu" in r for r in rows):
             mfu_ax = mfu_ax or speed_ax.twinx()
-            mfu_ax.plot(tokens, [100 * r.get("mfu", float("nan")) for r in rows], "--", alpha=0.5,
+            mfu_ax.plot(tokens, [100 * r["mfu"] if r.get("mfu") is not None else float("nan") for r in rows], "--", alpha=0.5,
                         color=line.get_color())
     if mfu_ax is not None:
         mfu_ax.set_ylabel("MFU % (dashed)")
     loss_ax.set(xlabel="tokens (M)", ylabel="loss", yscale="log", title="distillation loss")
     speed_ax.set(xlabel="tokens (M)", ylabel="k tokens/s", title="trainer throughput")
-    loss_ax.legend()
+    loss_ax.legend(fontsize="small")
     loss_ax.grid(alpha=0.3)
     speed_ax.grid(alpha=0.3)
     fig.tight_layout()
