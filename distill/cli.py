@@ -209,15 +209,48 @@ def eval_batches(held_docs, seq_len: int, n_rows: int, batch_size: int):
     return [stream.rows(range(i, min(i + batch_size, n_rows))) for i in range(0, n_rows, batch_size)]
 
 
-def build_student(arch: str, teacher_dir: str, init_cfg: dict, out: Path):
-    """The untrained student, built by `thinkfast init`'s code and saved once under OUT/init."""
+def build_student(arch: str, teacher_dir: str, init_cfg: dict, out: Path, teacher=None, docs=None, seq_len=2048):
+    """The untrained student, built by `thinkfast init`'s code and saved once under OUT/init; with
+    `calibrate_rows: N` in the recipe's init section, MOHAWK's closed-form stage 0 (`distill.mohawk.calibrate_mixers`)
+    fits its mixers to the teacher's attention on N packed training rows first (report in OUT/init/calibration.json)."""
     from distill.trainer import atomic_save_dir, barrier, dist_info
+    init_cfg = dict(init_cfg)
+    calibrate_rows = int(init_cfg.pop("calibrate_rows", 0) or 0)
     if dist_info()[0] == 0 and not (out / "config.json").is_file():
         from harness_ext.models.init_from_teacher import init_student
         atomic_save_dir(out, lambda tmp: init_student(teacher_dir, arch, out_dir=tmp, **init_cfg))
+    # Also for an init copied in from elsewhere (`thinkfast reproduce` shares one init stage): calibrated once.
+    if dist_info()[0] == 0 and calibrate_rows > 0 and not (out / "calibration.json").is_file():
+        def write(tmp):
+            shutil.copytree(out, tmp, dirs_exist_ok=True)
+            (Path(tmp) / "eval.json").unlink(missing_ok=True)       # it described the uncalibrated student
+            student = load_student(out, "cpu")
+            report = calibrate_student(student, teacher, docs, calibrate_rows, seq_len)
+            student.save_pretrained(str(tmp))
+            (Path(tmp) / "calibration.json").write_text(json.dumps(report, indent=1))
+        atomic_save_dir(out, write)
     # Unconditional: a rank that checked the file after rank 0 wrote it would otherwise skip this barrier and
     # pair with the next one, deadlocking the run.
     barrier()
+
+
+def calibrate_student(student, teacher, docs, rows: int, seq_len: int) -> dict:
+    import torch
+    from distill.data import PackedStream
+    from distill.mohawk import calibrate_mixers
+    if teacher is None or not docs:
+        raise ValueError("calibrate_rows needs the teacher and training documents")
+    device = next(teacher.parameters()).device
+    stream = PackedStream(docs, seq_len, seed=1)         # not the stages' order (seed 0), nor held-out data
+    batch = {k: v.to(device) for k, v in stream.rows(range(min(rows, stream.rows_per_epoch))).items()}
+    student.to(device)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        heads = calibrate_mixers(student, teacher, batch)
+    student.to("cpu")
+    mean = lambda key: sum(h[key] for h in heads) / len(heads)
+    _log(f"calibration (MOHAWK stage 0) on {batch['input_ids'].numel():,} tokens: mean relative residual of the "
+         f"mixer outputs {mean('residual_before'):.3f} -> {mean('residual_after'):.3f} over {len(heads)} heads")
+    return {"tokens": int(batch["input_ids"].numel()), "heads": heads}
 
 
 def load_student(path: Path, device):
@@ -291,7 +324,8 @@ def distill(recipe: dict, teacher_dir: str, out_dir: str, only_stage: str | None
         return result
 
     init_dir = out / "init"
-    build_student(recipe["arch"], teacher_dir, dict(recipe.get("init", {})), init_dir)
+    build_student(recipe["arch"], teacher_dir, dict(recipe.get("init", {})), init_dir, teacher=teacher, docs=docs,
+                  seq_len=eval_seq)
     evals = {}
     if not (init_dir / "eval.json").is_file():
         evals["init"] = record_eval("init", load_student(init_dir, device))

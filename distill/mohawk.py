@@ -14,9 +14,18 @@ for Llamba: three stages, each a separate run from the previous stage's checkpoi
    between the block outputs (per token) is minimised, averaged over tokens and layers. MLPs stay frozen.
 3. end-to-end KD on logits: `distill.kd.KDObjective` (forward KL by default in the recipe).
 
-Layers that the student keeps as attention (MambaInLlama) are skipped in stages 1 and 2.
+0. (optional, before stage 1; `init: {calibrate_rows: N}` in the recipe) closed-form calibration
+   (`calibrate_mixers`): the attention-initialised discrete mixer sums C.B x over its whole decay window with no
+   softmax to normalise it, so its output starts orders of magnitude too large (held-out KL ~19 nats). Per head,
+   over a grid of decays, least squares fits a scale of the mixing matrix and the D skip so that the mixer's
+   output matches the teacher attention's output (before o_proj) on the teacher's own layer inputs; the best
+   decay wins. No gradient steps; seconds.
+
+Layers that the student keeps as attention (MambaInLlama) are skipped in stages 0, 1 and 2.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -171,3 +180,103 @@ class HiddenObjective(nn.Module):
             dists.append((out.float() - block_out.float()).norm(dim=-1).mean())
         loss = torch.stack(dists).mean()
         return loss, {"l2": loss.detach()}
+
+
+CALIBRATION_DECAYS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
+
+
+@torch.no_grad()
+def calibrate_mixers(student, teacher, batch, decays=CALIBRATION_DECAYS) -> list[dict]:
+    """MOHAWK stage 0 (see the module docstring). `batch` is a packed batch (input_ids, position_ids, seq_idx) on
+    the models' device. Per head, candidates are the head's current A and one A per decay (the decay per token at
+    the batch's median dt); for each, y = M x and the least-squares (scale, D) of target ~ scale * y + D * x.
+    The fit is applied to the student in place; returns one row per (layer, head) with the relative residual of
+    the current parameters and of the fit."""
+    layers = [i for i, layer in enumerate(decoder_layers(student)) if ssm_mixer(layer) is not None]
+    if not layers:
+        raise ValueError(f"{type(student).__name__} has no SSM mixer to calibrate")
+    attn_in, attn_out, handles = {}, {}, []
+    for i in layers:
+        attn = decoder_layers(teacher)[i].self_attn
+        handles.append(attn.register_forward_pre_hook(
+            lambda m, a, kw, i=i: attn_in.__setitem__(i, _TeacherCapture._first(a, kw)), with_kwargs=True))
+        handles.append(attn.o_proj.register_forward_pre_hook(lambda m, a, i=i: attn_out.__setitem__(i, a[0])))
+    try:
+        model_forward(teacher, batch, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    seq_idx = batch["seq_idx"]
+    rows = []
+    for i in layers:
+        mixer = ssm_mixer(decoder_layers(student)[i])
+        if not hasattr(mixer, "set_head_fit"):
+            raise TypeError(f"layer {i}: {type(mixer).__name__} has no set_head_fit(); calibration is for Llamba mixers")
+        if getattr(mixer, "conv_activation", None) is not None or (
+                mixer.conv1d.bias is not None and mixer.conv1d.bias.abs().max() > 0):
+            raise ValueError(f"layer {i}: calibration scales C through a linear conv; it needs conv_activation="
+                             "'identity' and a zero conv bias (a student straight from `thinkfast init`)")
+        hidden = attn_in[i].to(next(mixer.parameters()).dtype)
+        x, dt, B, C = mixer.mixing_inputs(hidden, seq_idx)
+        x = x.float()
+        target = attn_out[i].float().unflatten(-1, (mixer.nheads, mixer.headdim))
+        A_now = mixer._A()
+        dt_ref = dt.median()
+        candidates = [A_now] + [torch.full_like(A_now, math.log(d) / float(dt_ref)) for d in decays]
+        t2 = target.square().sum((0, 1, 3))
+        # the current parameters: scale 1 and the current D on the current A
+        stats = _fit_stats(mixer, dt, A_now, B, C, x, target, seq_idx)
+        now = _residual(stats, t2, torch.ones_like(A_now), mixer.D.float()) / t2
+        best = None
+        for A in candidates:
+            stats = _fit_stats(mixer, dt, A, B, C, x, target, seq_idx)
+            a11, a12, a22, b1, b2 = stats
+            det = (a11 * a22 - a12 * a12).clamp_min(1e-30)
+            scale, skip = (b1 * a22 - b2 * a12) / det, (a11 * b2 - a12 * b1) / det
+            res = _residual(stats, t2, scale, skip) / t2
+            terms = (res, A, scale, skip, *stats)
+            if best is None:
+                best = [t.clone() for t in terms]
+            else:
+                better = res < best[0]
+                best = [torch.where(better, v, b) for v, b in zip(terms, best)]
+        _, A, scale, skip, *stats = best
+        a11, a12, a22, b1, b2 = stats
+        # The fitted scales are ~1e-2: put into C alone they would leave weights so small that one Adam step of
+        # the next stage rescales them many times over. The block's input norm feeds only the mixer, and x, B and
+        # C are linear in it (dt and z rows are 0 at init), so a gain g there scales M x by g^3: g carries the
+        # layer's typical scale, C only each head's ratio to it (clamped to 1/16..16; D refitted where clamped).
+        gain = scale.abs().clamp_min(1e-12).log().mean().exp() ** (1 / 3)
+        ratio = torch.sign(scale) * (scale.abs() / gain ** 3).clamp(1 / 16, 16)
+        scale = ratio * gain ** 3
+        skip = (b2 - scale * a12) / a22.clamp_min(1e-30)
+        res = _residual(stats, t2, scale, skip) / t2
+        norm = decoder_layers(student)[i].input_layernorm
+        norm.weight.mul_(gain.to(norm.weight.dtype))
+        mixer.set_head_fit(ratio, A, skip / gain)
+        decay = torch.exp(A * dt_ref)
+        for h in range(mixer.nheads):
+            rows.append({"layer": i, "head": h, "residual_before": float(now[h]), "residual_after": float(res[h]),
+                         "decay": float(decay[h]), "scale": float(scale[h]), "D": float(skip[h]),
+                         "norm_gain": float(gain), "c_scale": float(ratio[h])})
+    return rows
+
+
+def _fit_stats(mixer, dt, A, B, C, x, target, seq_idx, rows_per_chunk=4):
+    """Per head, the sums the 2-parameter least squares needs, for y = M x under decay A: (y.y, y.x, x.x, y.t, x.t),
+    over rows in chunks so that only a few [rows, heads, L, L] mixing matrices exist at a time."""
+    from harness_ext.models import ssd
+    sums = torch.zeros(5, x.shape[2], device=x.device)
+    for r in range(0, x.shape[0], rows_per_chunk):
+        part = slice(r, r + rows_per_chunk)
+        matrix = ssd.ssd_mixing_matrix(dt[part] * A, B[part], C[part], seq_idx=seq_idx[part])    # [b, h, L, L]
+        y = torch.einsum("bhij,bjhp->bihp", matrix, x[part])
+        xs, ts = x[part], target[part]
+        sums += torch.stack([(u * v).sum((0, 1, 3)) for u, v in ((y, y), (y, xs), (xs, xs), (y, ts), (xs, ts))])
+    return tuple(sums)
+
+
+def _residual(stats, t2, scale, skip):
+    """Per head: the sum of squares of target - scale * y - skip * x, from the sums of `_fit_stats`."""
+    a11, a12, a22, b1, b2 = stats
+    return t2 - 2 * (scale * b1 + skip * b2) + scale * scale * a11 + 2 * scale * skip * a12 + skip * skip * a22

@@ -856,7 +856,8 @@ def summarize_eval(stage: str, task: str, results_root: Path, started: float, ch
 # "guess" marks what nobody has measured yet: correct it from a run's stamps (DONE.json timings.seconds).
 H100_ESTIMATES = {
     # measured: one H100 80GB HBM3, 2026-11-27, `thinkfast reproduce --budget fast` (leaderboards/README.md);
-    # the second run (4 x H100, commit 14ac7b7) re-measured the stages it reached
+    # the second run (4 x H100, commit 14ac7b7) re-measured the stages it reached, the third (4 x H100, 6a5cae3,
+    # every stage) the Llamba rates, sampling with the untimed warm-up and whole eval tasks (3:27-6:00)
     "worker_start_s": 12,          # measured: a stage's subprocess importing torch / transformers (11-14 s)
     "teacher_s": 32,               # measured: GGUF -> HF conversion, once per machine (26 s, 32 s)
     "init_s": 30,                  # measured: two `thinkfast init` runs (41 s, 30 s)
@@ -866,15 +867,15 @@ H100_ESTIMATES = {
     "distill_stage_s": 80,         # measured (MIL): regional torch.compile 94 s / 63 s incl. the probe step
     "tokens_per_s": {              # distillation trainer throughput by (recipe, stage)
         ("mambainllama", "kd"): 103_700,  # measured: 50M tokens in 8:11 (reverse KL, chunked, compiled, micro 16)
-        ("llamba", "kd"): 58_000,         # bench_distill.py, Llamba: 57,767 tok/s
-        ("llamba", "hidden"): 58_000,     # guess: as kd (student fwd+bwd + teacher fwd, no vocab-wide loss)
-        ("llamba", "matrix"): 30_000,     # guess: eager attention and L x L mixing matrices at seq 512
+        ("llamba", "kd"): 56_700,         # measured: 16M tokens, median of the logged steps
+        ("llamba", "hidden"): 56_000,     # measured: 6M tokens
+        ("llamba", "matrix"): 35_300,     # measured: 2M tokens (eager attention, L x L mixing matrices at seq 512)
     },
-    "gsm8k_sampling_s": 112,       # measured, 500 x 64 completions: teacher 64 s (7.35M tokens), MambaInLlama 112 s
-    "math_sampling_s": 228,        # measured at 512 new tokens: teacher 73 s, MambaInLlama 114 s; x2 for 1024 (guess)
+    "gsm8k_sampling_s": 68,        # measured, 500 x 64 completions: teacher 52 s, MambaInLlama 68 s, Llamba 67 s
+    "math_sampling_s": 172,        # measured at 512 new tokens: teacher 61 s, MambaInLlama 68 s, Llamba 86 s; x2 for 1024
     "prm_scoring_s": 77,           # measured: the default PRM on 500 x 64 GSM8K completions in the eval (36 s alone)
     "math_grading_s": 223,         # measured: math-verify over 500 x 64 MATH answers, 16 processes
-    "eval_task_s": 45,             # measured: lm_eval start, model load, CUDA graphs, GSM8K answer grading (~45 s)
+    "eval_task_s": 60,             # measured: lm_eval start, model load, warm-up (10-40 s), GSM8K answer grading
     "bench_s": 390,                # measured: `thinkfast bench` 6:29 (HF generate rows are most of it)
     "leaderboard_s": 30,           # guess: tables and plots
 }

@@ -146,6 +146,36 @@ def test_recipe_overrides_and_budget_split():
         apply_override(recipe, "nosuch.lr=1")
 
 
+def test_calibration_fits_llamba_mixers_to_the_teachers_attention(tiny_teacher):
+    """MOHAWK stage 0: every head's fitted output is closer to the teacher attention's than the init's, the fold of
+    the layer's scale into the input norm keeps that fit through the real block (the hidden-state objective drops),
+    the held-out KL drops, and a student whose x heads share B/C heads is refused by name."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from distill.mohawk import HiddenObjective, calibrate_mixers
+    from distill.trainer import evaluate
+    from harness_ext.models.init_from_teacher import init_student
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    docs = D.render_documents(D.load_records(["gsm8k_train"], limit=40), tok)
+    calib, held = D.PackedStream(docs[:30], 64, seed=1).rows(range(4)), D.PackedStream(docs[30:], 64).rows(range(4))
+    student = init_student(tiny_teacher, "llamba").eval()
+    hidden = HiddenObjective(student)
+    with torch.no_grad():
+        hidden_before = float(hidden(calib, hidden.teacher_forward(teacher, calib))[0])
+    kl_before = evaluate(student, teacher, [held])["kl_forward"]
+    rows = calibrate_mixers(student, teacher, calib)
+    assert len(rows) == 4 * 4 and all(r["residual_after"] < r["residual_before"] for r in rows), rows
+    assert all(1 / 16 <= abs(r["c_scale"]) <= 16 for r in rows)
+    with torch.no_grad():
+        hidden_after = float(hidden(calib, hidden.teacher_forward(teacher, calib))[0])
+    assert hidden_after < 0.5 * hidden_before, (hidden_before, hidden_after)
+    assert evaluate(student, teacher, [held])["kl_forward"] < kl_before
+    grouped = init_student(tiny_teacher, "llamba")
+    grouped.model.layers[0].mixer.n_qk_heads = 2
+    with pytest.raises(ValueError, match="n_qk_heads == n_v_heads"):
+        grouped.model.layers[0].mixer.set_head_fit(torch.ones(4), -torch.ones(4), torch.ones(4))
+
+
 # ----------------------------------------------------------------------------- stages
 
 @pytest.mark.parametrize("recipe_name", ["mambainllama", "llamba"])

@@ -163,13 +163,34 @@ class DiscreteMamba2(SSMMixerBase):
                                 D=self.D, z=z, z_bias=self.z_bias, dt_softplus=True, discrete=True)
         return F.linear(y.view(batch, self.d_inner), self.out_proj.weight, self.out_proj.bias)
 
-    def materialize_mixing_matrix(self, hidden_states, seq_idx=None):
-        """[B, n_v_heads, L, L]: y_i = sum_j M[i, j] x_j for this mixer's (post-conv) x, before D and the gate."""
+    def mixing_inputs(self, hidden_states, seq_idx=None):
+        """The scan's operands for a full sequence: x [b, l, h, p] (post-conv), dt [b, l, h] (after softplus), B, C."""
         xBC, _, dt = self._split_in_proj(self.in_proj(hidden_states))
         xBC = ssd.causal_conv1d(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx,
                                 activation=self.conv_activation)
-        _, B, C = self._heads(xBC)
-        return ssd.ssd_mixing_matrix(F.softplus(dt.float()) * self._A(), B, C, seq_idx=seq_idx)
+        x, B, C = self._heads(xBC)
+        return x, F.softplus(dt.float()), B, C
+
+    def materialize_mixing_matrix(self, hidden_states, seq_idx=None):
+        """[B, n_v_heads, L, L]: y_i = sum_j M[i, j] x_j for this mixer's (post-conv) x, before D and the gate."""
+        _, dt, B, C = self.mixing_inputs(hidden_states, seq_idx)
+        return ssd.ssd_mixing_matrix(dt * self._A(), B, C, seq_idx=seq_idx)
+
+    @torch.no_grad()
+    def set_head_fit(self, scale, A, D):
+        """Per head: M -> scale * M (C rows scaled, so B/C heads must be x heads one to one), A, and the skip D."""
+        if self.n_qk_heads != self.nheads:
+            raise ValueError(f"per-head calibration scales C, which n_v_heads={self.nheads} x heads share "
+                             f"{self.nheads // self.n_qk_heads} at a time (n_qk_heads={self.n_qk_heads}); "
+                             "it needs n_qk_heads == n_v_heads")
+        c0 = self.d_inner + self.n_qk_heads * self.d_state
+        rows = self.in_proj.weight[c0:c0 + self.n_qk_heads * self.d_state].view(self.n_qk_heads, self.d_state, -1)
+        rows.mul_(scale.to(rows.dtype).view(-1, 1, 1))
+        if self.in_proj.bias is not None:
+            self.in_proj.bias[c0:c0 + self.n_qk_heads * self.d_state].view(self.n_qk_heads, -1).mul_(
+                scale.to(self.in_proj.bias.dtype).view(-1, 1))
+        self.A_log.copy_(torch.log(-A.float()).to(self.A_log.dtype))
+        self.D.copy_(D.to(self.D.dtype))
 
 
 class LlambaForCausalLM(HybridForCausalLM):
