@@ -383,6 +383,8 @@ class Reproduction:
                 args += ["--attn-layers", ",".join(str(i) for i in v)]
             elif k == "seed":
                 args += ["--seed", str(v)]
+            elif k == "calibrate_rows":
+                continue  # MOHAWK stage 0 needs the teacher and data: `thinkfast distill` applies it to the copied init
             else:
                 raise ValueError(f"recipe {student.recipe}: init option {k!r} has no `thinkfast init` flag")
         return args
