@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -220,6 +221,24 @@ def test_stop_token_ids_and_eos(mil, tokenizer):
     assert out.text == tokenizer.decode(free[:first], skip_special_tokens=True)
     engine = Engine(mil, tokenizer)
     assert 2 in engine.eos_token_ids  # the tokenizer's / generation config's eos
+
+
+def test_special_token_stop_string_is_a_stop_id_not_a_text_scan(mil, tokenizer, monkeypatch):
+    """lm-eval adds the eos text to every request's stop strings; decoded text skips special tokens, so scanning for
+    it cannot match: such a string becomes a stop token id and the per-look decode of every slot is skipped."""
+    eos_text = tokenizer.convert_ids_to_tokens(2)
+    engine = Engine(mil, tokenizer, max_batch_size=8, sync_every=2)
+    folded = engine._special_stop_strings(SamplingParams(stop_strings=(eos_text, "\n\n"), stop_token_ids=(5,)))
+    assert folded.stop_strings == ("\n\n",) and folded.stop_token_ids == (5, 2)
+    prompts = random_prompts([5, 9])
+    plain = SamplingParams(max_new_tokens=12, temperature=1.0, ignore_eos=True)
+    by_id = engine.generate(prompts, dataclasses.replace(plain, stop_token_ids=(2,)), n=3, seed=7)
+    monkeypatch.setattr(Engine, "_scan_stop_strings", lambda *a: pytest.fail("scanned text for a special token"))
+    by_string = engine.generate(prompts, dataclasses.replace(plain, stop_strings=(eos_text,)), n=3, seed=7)
+    assert by_string == by_id
+    with_eos = SamplingParams(max_new_tokens=12, temperature=1.0)
+    assert engine.generate(prompts, dataclasses.replace(with_eos, stop_strings=(eos_text,)), n=3, seed=7) == \
+        engine.generate(prompts, with_eos, n=3, seed=7)
 
 
 def test_string_and_chat_prompts(mil, tokenizer):

@@ -347,6 +347,26 @@ class Engine:
                                  f"({self.max_len_source}), which must leave room for at least one new token")
         return ids
 
+    def _special_stop_strings(self, params: SamplingParams) -> SamplingParams:
+        """A stop string that is one special token (lm-eval adds the eos text, "<|im_end|>", to every request) can
+        never appear in the decoded text, which skips special tokens: it becomes a stop token id. Without this, the
+        host decoded every live slot's new tokens at every look for nothing: 21-36 s of 52-86 s generations on
+        GSM8K-500 / MATH-500 (`host_s`, 4 x H100 run at 6a5cae3)."""
+        if not params.stop_strings or self.tokenizer is None or not isinstance(params, SamplingParams):
+            return params
+        special = set(getattr(self.tokenizer, "all_special_ids", None) or [])
+        special |= {i for i, t in getattr(self.tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+        strings, ids = [], list(params.stop_token_ids)
+        for text in params.stop_strings:
+            enc = self.tokenizer.encode(text, add_special_tokens=False)
+            if len(enc) == 1 and enc[0] in special:
+                ids += [] if enc[0] in ids else [enc[0]]
+            else:
+                strings.append(text)
+        if len(strings) == len(params.stop_strings):
+            return params
+        return dataclasses.replace(params, stop_strings=tuple(strings), stop_token_ids=tuple(ids))
+
     def _stop_ids(self, params: SamplingParams) -> list[int]:
         ids = [] if params.ignore_eos else list(self.eos_token_ids)
         return ids + [t for t in params.stop_token_ids if t not in ids]
@@ -459,7 +479,7 @@ class Engine:
             return self._generate(prompts, params, n, seed, progress)
 
     def _generate(self, prompts, params, n, seed, progress) -> list[list[Completion]]:
-        params = params or SamplingParams()
+        params = self._special_stop_strings(params or SamplingParams())
         prompt_ids = self._validate(prompts, params, n)
         t_start = time.perf_counter()
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "host_s": 0.0,
