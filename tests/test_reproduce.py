@@ -185,6 +185,17 @@ def test_scheduler_priority_and_tolerated_failure(tmp_path):
 
 
 def test_scheduler_interrupt_kills_the_stage_processes(tmp_path):
+    import signal
+
+    # A shell starts background jobs (`pytest ... &`) with SIGINT ignored, and then interrupt_main() does nothing.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _interrupt_scheduler_and_check(tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _interrupt_scheduler_and_check(tmp_path):
     import threading
 
     scripts = {"forever": "echo $$ > forever.pid; sleep 60"}
