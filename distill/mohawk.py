@@ -224,12 +224,11 @@ def calibrate_mixers(student, teacher, batch, decays=CALIBRATION_DECAYS) -> list
         dt_ref = dt.median()
         candidates = [A_now] + [torch.full_like(A_now, math.log(d) / float(dt_ref)) for d in decays]
         t2 = target.square().sum((0, 1, 3))
-        # the current parameters: scale 1 and the current D on the current A
-        stats = _fit_stats(mixer, dt, A_now, B, C, x, target, seq_idx)
-        now = _residual(stats, t2, torch.ones_like(A_now), mixer.D.float()) / t2
         best = None
         for A in candidates:
             stats = _fit_stats(mixer, dt, A, B, C, x, target, seq_idx)
+            if best is None:  # candidate 0 is the current A: the current parameters are scale 1 and the current D
+                now = _residual(stats, t2, torch.ones_like(A_now), mixer.D.float()) / t2
             a11, a12, a22, b1, b2 = stats
             det = (a11 * a22 - a12 * a12).clamp_min(1e-30)
             scale, skip = (b1 * a22 - b2 * a12) / det, (a11 * b2 - a12 * b1) / det
@@ -241,7 +240,7 @@ def calibrate_mixers(student, teacher, batch, decays=CALIBRATION_DECAYS) -> list
                 better = res < best[0]
                 best = [torch.where(better, v, b) for v, b in zip(terms, best)]
         _, A, scale, skip, *stats = best
-        a11, a12, a22, b1, b2 = stats
+        _, a12, a22, _, b2 = stats
         # The fitted scales are ~1e-2: put into C alone they would leave weights so small that one Adam step of
         # the next stage rescales them many times over. The block's input norm feeds only the mixer, and x, B and
         # C are linear in it (dt and z rows are 0 at init), so a gain g there scales M x by g^3: g carries the

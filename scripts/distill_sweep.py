@@ -9,22 +9,22 @@
     # CPU smoke (tiny budgets; the variants run one after another)
     python scripts/distill_sweep.py --recipe llamba --teacher T --out /tmp/sweep --smoke --variant a: --variant b:stages.kd.lr=1e-4
 
-Each variant is a plain `thinkfast distill` run (same data, same seed) in OUT/<name>/ with CUDA_VISIBLE_DEVICES
-set to its GPU; variants beyond the GPU count wait for a free one. Writes OUT/summary.json, OUT/summary.md (held-out
+Each variant is a plain `thinkfast distill` run (same data, same seed) in OUT/<name>/, its log OUT/<name>.log, run
+by `thinkfast reproduce`'s scheduler on a GPU of its own; variants beyond the GPU count wait for a free one. Writes OUT/summary.json, OUT/summary.md (held-out
 KL and top-1 agreement after every stage, the largest gradient norm and loss of each stage) and OUT/curves.png.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
+import shlex
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from harness_ext.data import read_jsonl  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -39,26 +39,15 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, items
 
 
-def gpu_ids() -> list[str]:
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible:
-        return [g for g in visible.split(",") if g.strip()]
-    try:
-        import torch
-        return [str(i) for i in range(torch.cuda.device_count())]
-    except ImportError:
-        return []
-
-
 def stage_summary(variant_dir: Path) -> list[dict]:
     """Per finished stage: held-out metrics, and the worst gradient norm / loss seen while training."""
     rows = []
-    evals = [json.loads(line) for line in open(variant_dir / "eval.jsonl")] if (variant_dir / "eval.jsonl").is_file() else []
+    evals = read_jsonl(variant_dir / "eval.jsonl") if (variant_dir / "eval.jsonl").is_file() else []
     for ev in evals:
         row = {k: ev[k] for k in ("stage", "kl_forward", "kl_reverse", "top1_agreement") if k in ev}
         stage_dirs = sorted((variant_dir / "stages").glob(f"*-{ev['stage']}"))
         if stage_dirs and (stage_dirs[0] / "metrics.jsonl").is_file():
-            metrics = [json.loads(line) for line in open(stage_dirs[0] / "metrics.jsonl")]
+            metrics = read_jsonl(stage_dirs[0] / "metrics.jsonl")
             if metrics:
                 row["max_grad_norm"] = max(m.get("grad_norm", 0.0) for m in metrics)
                 row["first_loss"], row["max_loss"], row["last_loss"] = (
@@ -71,7 +60,7 @@ def stage_summary(variant_dir: Path) -> list[dict]:
 def markdown(summary: dict) -> str:
     lines = [f"# distill sweep: recipe {summary['recipe']}", "",
              f"common overrides: `{' '.join(summary['common']) or '(none)'}`", "",
-             "| variant | overrides | stage | top-1 agreement | KL fwd | KL rev | first / max / last loss | max grad norm | tok/s | rc |",
+             "| variant | overrides | stage | top-1 agreement | KL fwd | KL rev | first / max / last loss | max grad norm | tok/s | status |",
              "|---|---|---|---:|---:|---:|---|---:|---:|---:|"]
     for v in summary["variants"]:
         for row in v["stages"] or [{}]:
@@ -82,7 +71,7 @@ def markdown(summary: dict) -> str:
                      f"{row['kl_forward']:.3f}" if "kl_forward" in row else "",
                      f"{row['kl_reverse']:.3f}" if "kl_reverse" in row else "", loss,
                      f"{row['max_grad_norm']:.3g}" if "max_grad_norm" in row else "",
-                     f"{row['tokens_per_s']:,.0f}" if "tokens_per_s" in row else "", str(v["returncode"])]
+                     f"{row['tokens_per_s']:,.0f}" if "tokens_per_s" in row else "", v["status"]]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -102,42 +91,30 @@ def main(argv=None) -> int:
         raise SystemExit(f"--variant names must differ, got {names}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    gpus = gpu_ids()
-    slots = gpus or [None]          # no GPU: one variant at a time on the CPU
-    print(f"[sweep] {len(variants)} variant(s) of {args.recipe} on {'GPUs ' + ','.join(gpus) if gpus else 'the CPU'}",
-          flush=True)
-
-    pending = list(variants)
-    running: dict[str | None, tuple] = {}
-    results = {}
-    t0 = time.time()
-    while pending or running:
-        for slot in slots:
-            if slot not in running and pending:
-                name, overrides = pending.pop(0)
-                cmd = [sys.executable, "-m", "harness_ext.cli", "distill", "--recipe", args.recipe, "--teacher",
+    try:
+        import torch
+        gpus = torch.cuda.device_count()
+    except ImportError:
+        gpus = 0
+    # the reproduction's scheduler: one job per device, logs, Ctrl-C kills every variant's process group; a
+    # failed variant does not stop the others (tolerated)
+    from harness_ext.reproduce import Launch, Scheduler, devices_for
+    devices = devices_for(gpus, cuda=True) if gpus else devices_for(1, cuda=False)
+    print(f"[sweep] {len(variants)} variant(s) of {args.recipe} on {', '.join(d.label for d in devices)}", flush=True)
+    commands = {name: [sys.executable, "-m", "harness_ext.cli", "distill", "--recipe", args.recipe, "--teacher",
                        args.teacher, "--out", str(out / name), *(["--smoke"] if args.smoke else []),
-                       *args.common, *overrides]
-                env = dict(os.environ)
-                if slot is not None:
-                    env["CUDA_VISIBLE_DEVICES"] = slot
-                log = open(out / f"{name}.log", "w")
-                log.write("$ " + " ".join(cmd) + "\n")
-                log.flush()
-                proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-                running[slot] = (name, overrides, proc, log, time.time())
-                print(f"[sweep +{time.time() - t0:.0f}s] {name} started on {'GPU ' + slot if slot else 'CPU'}", flush=True)
-        time.sleep(2)
-        for slot, (name, overrides, proc, log, start) in list(running.items()):
-            if proc.poll() is not None:
-                log.close()
-                del running[slot]
-                results[name] = {"name": name, "overrides": overrides, "returncode": proc.returncode,
-                                 "seconds": round(time.time() - start, 1), "stages": stage_summary(out / name)}
-                last = results[name]["stages"][-1] if results[name]["stages"] else {}
-                print(f"[sweep +{time.time() - t0:.0f}s] {name} finished rc={proc.returncode} in "
-                      f"{results[name]['seconds']:.0f}s; last eval {last}", flush=True)
+                       *args.common, *overrides] for name, overrides in variants}
 
+    def prepare(name):
+        log = out / f"{name}.log"
+        shell = f"cd {shlex.quote(str(REPO))} && {shlex.join(commands[name])} > {shlex.quote(str(log))} 2>&1"
+        return Launch(["bash", "-c", shell], log)
+
+    scheduler = Scheduler(names, {}, {n: 1.0 for n in names}, devices, prepare, tolerate=lambda name: True)
+    if scheduler.run() == 130:
+        return 130
+    results = {name: {"name": name, "overrides": overrides, "status": scheduler.status[name],
+                      "stages": stage_summary(out / name)} for name, overrides in variants}
     summary = {"recipe": args.recipe, "teacher": args.teacher, "common": args.common, "smoke": args.smoke,
                "gpus": gpus, "variants": [results[n] for n in names]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -147,7 +124,7 @@ def main(argv=None) -> int:
     if curves:
         from distill.curves import plot_curves
         plot_curves(curves, out / "curves.png", labels=[f"{p.parents[2].name}: {p.parent.name}" for p in curves])
-    return 0 if all(r["returncode"] == 0 for r in results.values()) else 1
+    return 0 if all(r["status"] == "ran" for r in results.values()) else 1
 
 
 if __name__ == "__main__":
