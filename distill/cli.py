@@ -276,6 +276,12 @@ def make_objective(cfg, student):
     raise ValueError(f"unknown objective {cfg.objective!r}; choose kd, sft, mohawk_matrix, mohawk_hidden")
 
 
+def drop_checkpoints(stage_dir: Path):
+    for ckpt in stage_dir.glob("checkpoint-*"):
+        shutil.rmtree(ckpt, ignore_errors=True)
+    (stage_dir / "latest").unlink(missing_ok=True)
+
+
 def export_final(src: Path, out: Path):
     """Copy the final student's HF files to the top of OUT, each file replaced atomically."""
     out.mkdir(parents=True, exist_ok=True)
@@ -361,6 +367,9 @@ def distill(recipe: dict, teacher_dir: str, out_dir: str, only_stage: str | None
             state.pop("rng")
             state.update(train_result=train_result, eval=ev)
             save_model_dir(final, student, tokenizer, state)
+            # a stage with a final is never resumed mid-way: its checkpoints (with ~2x the weights in optimizer
+            # state) would only fill the disk
+            drop_checkpoints(stage_dir)
         barrier()
         evals[cfg.name] = ev
         prev = final

@@ -191,6 +191,7 @@ def test_every_stage_trains(recipe_name, tiny_teacher, tmp_path):
         k = max(1, len(curve) // 3)
         assert sum(curve[-k:]) / k < sum(curve[:k]) / k, f"{sd.name}: loss did not go down: {curve}"
         assert (sd / "final" / "config.json").is_file()
+        assert not list(sd.glob("checkpoint-*")), "a finished stage keeps no optimizer checkpoints"
     ev = result["eval"]
     kd = ev["kd"]
     assert kd["kl_forward"] < ev["init"]["kl_forward"], ev
