@@ -27,6 +27,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import time
 from typing import Any, NamedTuple
 
 from lm_eval.api.metrics import mean
@@ -248,6 +249,8 @@ class BestOfNTask(ConfigurableTask):
         style = self.options.answer_style
         jobs = [(inst.doc["answer"], list(inst.resps), style) for inst in self._instances]
         # math-verify grades on CPU worker processes while the PRM scores on the GPU here: the two overlap
+        t_start = time.perf_counter()
+        prm_before = dict(prm.timings) if prm is not None and hasattr(prm, "timings") else None
         with grading_in_background(jobs, desc=f"{self.config.task}: answers") as grading:
             steps = None
             if prm is not None:
@@ -259,13 +262,27 @@ class BestOfNTask(ConfigurableTask):
                     group = self._instances[start:start + PRM_PROBLEMS_PER_CALL]
                     steps += prm_step_scores(prm, [inst.doc["problem"] for inst in group],
                                              [list(inst.resps) for inst in group])
+            t_prm_done = time.perf_counter()
             graded = list(grading)
+        self._log_scoring_time(prm, prm_before, t_start, t_prm_done)
         for i, (instance, grades) in enumerate(zip(self._instances, graded)):
             doc = instance.doc
             instance.filtered_resps[self.FILTER] = score_completions(
                 doc["problem"], doc["answer"], list(instance.resps), style, prm_aggregation=self.options.prm_aggregation,
                 graded=grades, step_scores=steps[i] if steps is not None else None)
         return self._instances
+
+    def _log_scoring_time(self, prm, prm_before, t_start, t_prm_done):
+        """One line saying where scoring time went: the PRM (tokenization vs forwards) and the answer grading
+        that runs beside it (the wait after the PRM is what grading adds to the evaluation)."""
+        now = time.perf_counter()
+        text = f"{self.config.task}: scoring {now - t_start:.1f}s"
+        if prm_before is not None:
+            spent = {k: prm.timings[k] - prm_before[k] for k in prm_before}
+            text += (f"; PRM {t_prm_done - t_start:.1f}s (layout + tokenize {spent['encode_s']:.1f}s, forwards "
+                     f"{spent['forward_s']:.1f}s; {spent['sequences']:,} sequences, {spent['tokens']:,} tokens)")
+        text += f"; answer grading went on {now - t_prm_done:.1f}s after that"
+        log.info(text)
 
     def process_results(self, doc: dict, results: list) -> dict[str, float]:
         (records,) = results

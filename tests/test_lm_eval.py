@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -232,6 +233,14 @@ def test_samples_carry_answers_correctness_and_prm_scores(cli_run):
                 else:
                     assert record["prm_steps"] is None and record["prm_score"] is None
     assert parsed > 0  # the digit-writing student gives GSM8K answers to parse
+    # each task says where its scoring time went; the PRM counts every completion that has a step
+    log_text = cli_run[0].stdout + cli_run[0].stderr
+    line = re.search(r"gsm8k500_bon_prm: scoring [\d.]+s; PRM [\d.]+s \(layout \+ tokenize [\d.]+s, forwards "
+                     r"[\d.]+s; ([\d,]+) sequences, ([\d,]+) tokens\); answer grading went on [\d.]+s", log_text)
+    assert line, log_text[-3000:]
+    with_steps = sum(bool(split_steps(t)) for doc in samples["gsm8k500_bon_prm"] for t in doc["resps"][0])
+    assert int(line.group(1).replace(",", "")) == with_steps > 0 and int(line.group(2).replace(",", "")) > with_steps
+    assert re.search(r"gsm8k500_bon: scoring [\d.]+s; answer grading went on", log_text)
     # N comes from --metadata, and the chat template was applied to the prompts
     config = results["configs"]["gsm8k500_bon"]
     assert config["repeats"] == N and config["metadata"]["n"] == N

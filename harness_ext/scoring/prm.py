@@ -183,6 +183,8 @@ class PRM:
         self.max_batch_tokens = max_batch_tokens or (131072 if device.type == "cuda" else 8192)
         self.max_batch_size = max_batch_size
         self.max_length = getattr(base.config, "max_position_embeddings", None)
+        # where scoring time goes (host-side layout + tokenization vs batched forwards), summed over calls
+        self.timings = {"encode_s": 0.0, "forward_s": 0.0, "sequences": 0, "tokens": 0}
 
     # --- per format
     def layout(self, problem: str, steps: list[str]) -> tuple[str, list[int]]:
@@ -247,6 +249,7 @@ class PRM:
             batch.append(i)
         if batch:
             batches.append(batch)
+        t0 = time.perf_counter()
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         iterator = batches
         if progress:
@@ -272,6 +275,9 @@ class PRM:
                 n = len(encoded[i].positions)
                 out[i] = probs[start:start + n]
                 start += n
+        self.timings["forward_s"] += time.perf_counter() - t0   # .cpu() above waited for every batch
+        self.timings["sequences"] += len(order)
+        self.timings["tokens"] += sum(len(encoded[i].input_ids) for i in order)
         return out
 
     def score_many(self, problems: Sequence[str], completions: Sequence[Sequence[str]],
@@ -287,7 +293,10 @@ class PRM:
                 flat_problems.append(problem)
                 flat_steps.append(self.steps(c))
                 owners.append(p)
-        scores = self.score_encoded(self.encode_many(flat_problems, flat_steps), progress=progress)
+        t0 = time.perf_counter()
+        encoded = self.encode_many(flat_problems, flat_steps)
+        self.timings["encode_s"] += time.perf_counter() - t0
+        scores = self.score_encoded(encoded, progress=progress)
         result: list[list[list[float]]] = [[] for _ in problems]
         for p, s in zip(owners, scores):
             result[p].append(s)
