@@ -28,6 +28,7 @@ import difflib
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 from lm_eval.api.metrics import mean
@@ -145,13 +146,36 @@ class ScoredSample(dict):
 PRM_PROBLEMS_PER_CALL = 16
 
 
-def prm_step_scores(prm, problems: list[str], completions: list[list[str]]) -> list[list[list[float]]]:
-    """The PRM's score for every step of every completion of every problem (one shared, length-sorted batching)."""
-    scored = prm.score_many(list(problems), [list(c) for c in completions])
+def prm_step_scores(prm, problems: list[str], completions: list[list[str]], prepared=None) -> list[list[list[float]]]:
+    """The PRM's score for every step of every completion of every problem (one shared, length-sorted batching).
+    `prepared`: `prm.prepare(problems, completions)` when already done (e.g. in a thread, ahead of time)."""
+    if prepared is not None:
+        scored = prm.score_prepared(prepared)
+    else:
+        scored = prm.score_many(list(problems), [list(c) for c in completions])
     for per_problem, comps in zip(scored, completions):
         if len(per_problem) != len(comps):
             raise RuntimeError(f"PRM returned {len(per_problem)} score lists for {len(comps)} completions")
     return [[[float(x) for x in steps] for steps in per_problem] for per_problem in scored]
+
+
+def prm_step_scores_grouped(prm, problems: list[str], completions: list[list[str]],
+                            per_call: int = PRM_PROBLEMS_PER_CALL, desc: str = "PRM") -> list[list[list[float]]]:
+    """`prm_step_scores` over `per_call` problems at a time; while one group's forwards run on the device, the
+    next group's steps are laid out and tokenized in a thread (PRMs with `prepare`)."""
+    from tqdm import tqdm
+
+    groups = [(problems[i:i + per_call], completions[i:i + per_call]) for i in range(0, len(problems), per_call)]
+    ahead = hasattr(prm, "prepare") and len(groups) > 1
+    steps: list[list[list[float]]] = []
+    with ThreadPoolExecutor(1) as pool:
+        upcoming = pool.submit(prm.prepare, *groups[0]) if ahead else None
+        for k in tqdm(range(len(groups)), desc=f"{desc} ({per_call} problems a call)", disable=len(groups) < 2):
+            prepared = upcoming.result() if ahead else None
+            if ahead and k + 1 < len(groups):
+                upcoming = pool.submit(prm.prepare, *groups[k + 1])
+            steps += prm_step_scores(prm, *groups[k], prepared=prepared)
+    return steps
 
 
 def score_completions(problem: str, gold: str, completions: list[str], style: str,
@@ -239,8 +263,6 @@ class BestOfNTask(ConfigurableTask):
 
     def apply_filters(self):
         """Score every completion once (answers, equivalence classes, correctness, PRM); no other filters."""
-        from tqdm import tqdm
-
         prm = self._load_prm()
         if prm is None:
             message = (f"{self.config.task}: no PRM configured (task option prm, e.g. --metadata "
@@ -255,13 +277,9 @@ class BestOfNTask(ConfigurableTask):
             steps = None
             if prm is not None:
                 # several problems per call: the PRM sorts their completions by length into shared batches
-                steps = []
-                groups = range(0, len(self._instances), PRM_PROBLEMS_PER_CALL)
-                for start in tqdm(groups, desc=f"{self.config.task}: PRM ({PRM_PROBLEMS_PER_CALL} problems a call)",
-                                  disable=len(groups) < 2):
-                    group = self._instances[start:start + PRM_PROBLEMS_PER_CALL]
-                    steps += prm_step_scores(prm, [inst.doc["problem"] for inst in group],
-                                             [list(inst.resps) for inst in group])
+                steps = prm_step_scores_grouped(prm, [inst.doc["problem"] for inst in self._instances],
+                                                [list(inst.resps) for inst in self._instances],
+                                                desc=f"{self.config.task}: PRM")
             t_prm_done = time.perf_counter()
             graded = list(grading)
         self._log_scoring_time(prm, prm_before, t_start, t_prm_done)

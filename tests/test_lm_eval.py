@@ -441,3 +441,23 @@ def test_wheel_ships_the_startup_hook_and_tasks(tmp_path):
     assert "thinkfast_lm_eval.pth" in names  # at the root: installed straight into site-packages
     assert {"harness_ext/lm_eval_ext/_hook.py", "harness_ext/tasks/utils.py", "harness_ext/tasks/math500_bon.yaml",
             "harness_ext/tasks/gsm8k500_bon.yaml"} <= names
+
+
+def test_prm_groups_tokenized_ahead_score_as_one_call(tiny_prm):
+    """The task scores 16 problems a call and tokenizes the next group in a thread meanwhile: the same scores as
+    one call over everything, and the PRM's timings count every completion with a step."""
+    from harness_ext.scoring.prm import load_prm, split_steps
+
+    utils = task_utils()
+    problems = [f"What is {a} + {a}?" for a in range(5)]
+    completions = [[f"{a} + {a} = {2 * a}.\n\nSo the answer is $\\boxed{{{2 * a}}}$.", "", f"It is {a}."]
+                   for a in range(5)]
+    prm = load_prm(str(tiny_prm), device="cpu")
+    grouped = utils.prm_step_scores_grouped(prm, problems, completions, per_call=2)
+    assert prm.timings["sequences"] == sum(bool(split_steps(c)) for cs in completions for c in cs) == 10
+    assert prm.timings["tokens"] > prm.timings["sequences"] and prm.timings["encode_s"] > 0
+    whole = utils.prm_step_scores(load_prm(str(tiny_prm), device="cpu"), problems, completions)
+    assert len(grouped) == len(whole) == 5
+    for g, w in zip(grouped, whole):
+        assert [len(s) for s in g] == [len(s) for s in w] and [len(s) for s in g][1] == 0
+        assert g == [pytest.approx(s, abs=1e-5) for s in w]

@@ -133,6 +133,14 @@ class Encoded:
     positions: list[int]
 
 
+@dataclass
+class Prepared:
+    """Completions of several problems, encoded: `owners[i]` is the problem of `encoded[i]`."""
+    encoded: list[Encoded]
+    owners: list[int]
+    n_problems: int
+
+
 def _char_to_token(offsets: Sequence[tuple[int, int]], char: int) -> int:
     """Index of the token whose character span holds `char` (offsets sorted, as fast tokenizers return them)."""
     lo, hi = 0, len(offsets) - 1
@@ -280,9 +288,9 @@ class PRM:
         self.timings["tokens"] += sum(len(encoded[i].input_ids) for i in order)
         return out
 
-    def score_many(self, problems: Sequence[str], completions: Sequence[Sequence[str]],
-                   progress: bool = False) -> list[list[list[float]]]:
-        """Score completions of many problems in shared batches: result[p][c] is the step-score list."""
+    def prepare(self, problems: Sequence[str], completions: Sequence[Sequence[str]]) -> Prepared:
+        """The host-side half of `score_many` (steps, layout, tokenization): callers may run it for the next
+        group in a thread while the GPU scores this one (the Rust tokenizer lets go of the GIL)."""
         if len(problems) != len(completions):
             raise PRMError(f"{len(problems)} problems but {len(completions)} completion lists")
         flat_problems, flat_steps, owners = [], [], []
@@ -296,11 +304,19 @@ class PRM:
         t0 = time.perf_counter()
         encoded = self.encode_many(flat_problems, flat_steps)
         self.timings["encode_s"] += time.perf_counter() - t0
-        scores = self.score_encoded(encoded, progress=progress)
-        result: list[list[list[float]]] = [[] for _ in problems]
-        for p, s in zip(owners, scores):
+        return Prepared(encoded, owners, len(problems))
+
+    def score_prepared(self, prepared: Prepared, progress: bool = False) -> list[list[list[float]]]:
+        scores = self.score_encoded(prepared.encoded, progress=progress)
+        result: list[list[list[float]]] = [[] for _ in range(prepared.n_problems)]
+        for p, s in zip(prepared.owners, scores):
             result[p].append(s)
         return result
+
+    def score_many(self, problems: Sequence[str], completions: Sequence[Sequence[str]],
+                   progress: bool = False) -> list[list[list[float]]]:
+        """Score completions of many problems in shared batches: result[p][c] is the step-score list."""
+        return self.score_prepared(self.prepare(problems, completions), progress=progress)
 
     def score(self, problem: str, completions: Sequence[str], progress: bool = False) -> list[list[float]]:
         """One score in [0, 1] per step of each completion (steps from `split_steps(completion, self.step_mode)`)."""
