@@ -327,6 +327,18 @@ def test_bench_smoke_writes_json_markdown_png(tiny_checkpoints, tmp_path):
     assert report["device"] in table and "| llamba | 2 |" in table
     assert (out / "bench.png").stat().st_size > 1000
 
+    # the students with bfloat16 SSM state: the same run, half the state bytes in the floor
+    state_out = tmp_path / "bench-state"
+    assert main(["bench", "--device", "cpu", "--teacher", str(tiny_checkpoints / "teacher"), "--batches", "2",
+                 "--prompt-len", "8", "--gen-len", "4", "--rows", "llamba,llamba-bf16-state", "--out",
+                 str(state_out)]) == 0
+    fp32_row, bf16_row = json.loads((state_out / "bench.json").read_text())["results"]
+    assert (fp32_row["row"], bf16_row["row"]) == ("llamba", "llamba-bf16-state")
+    assert bf16_row["status"] == "ok" and bf16_row["generated_tokens"] == 8
+    assert bf16_row["floor_ms"] < fp32_row["floor_ms"]
+    with pytest.raises(SystemExit, match="teacher-bf16-state"):
+        main(["bench", "--device", "cpu", "--rows", "teacher-bf16-state", "--out", str(state_out)])
+
     assert main(["bench", "--gsm8k-sampling", "--model", str(tiny_checkpoints / "llamba"), "--device", "cpu",
                  "--limit", "2", "--n", "2", "--max-new-tokens", "4", "--out", str(out)]) == 0
     gsm = json.loads((out / "gsm8k_sampling.json").read_text())
@@ -434,3 +446,28 @@ def test_decode_step_native_logits_equal_float_logits(llamba):
     b = llamba.decode_step(tokens, states[1], float_logits=False)
     assert a.dtype == torch.float32 and b.dtype == llamba.lm_head.weight.dtype and torch.equal(a, b.float())
     assert Engine(llamba)._decode_kwargs == {"float_logits": False}
+
+
+@pytest.mark.parametrize("make", [tiny_llamba, tiny_mil], ids=["llamba", "mambainllama"])
+def test_bf16_ssm_state_is_allocated_and_tracks_the_fp32_state(make, tmp_path):
+    """`ssm_state_dtype=bfloat16` (load_model / lm-eval model_args / bench rows): the engine's state is bf16, and
+    the decode logits stay close to the float32 state's (the state is rounded once per step, not accumulated)."""
+    from harness_ext.models import load_model, set_ssm_state_dtype
+
+    make().save_pretrained(tmp_path / "ckpt")
+    fp32 = load_model(tmp_path / "ckpt")
+    bf16 = load_model(tmp_path / "ckpt", ssm_state_dtype="bfloat16")
+    assert bf16.config.ssm_state_dtype == "bfloat16" and fp32.config.ssm_state_dtype == "float32"
+    states = [layer["ssm_state"] for layer in bf16.allocate_decode_state(2, 32, device="cpu").layers if "ssm_state" in layer]
+    assert states and all(s.dtype == torch.bfloat16 for s in states)
+    prompt = torch.tensor(random_prompts([12])[0])[None]
+
+    def decode_logits(model, steps=16):
+        out = model.generate(prompt, max_new_tokens=steps, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0)
+        return torch.cat(out.logits)
+    a, b = decode_logits(fp32), decode_logits(bf16)
+    assert not torch.equal(a, b)  # the state really was rounded
+    assert (a - b).abs().max() <= 2e-2 * a.abs().max()
+    with pytest.raises(ValueError, match="ssm_state_dtype"):
+        set_ssm_state_dtype(fp32, "int8")

@@ -382,6 +382,13 @@ def test_bad_model_arguments(tiny_student, tmp_path):
         ThinkfastLM(pretrained=str(tmp_path / "missing"), device="cpu")
     with pytest.raises(ValueError, match="'mambainllama' checkpoint.*llamba"):
         LlambaLM(pretrained=str(tiny_student), device="cpu")
+    with pytest.raises(ValueError, match="ssm_state_dtype='fp8'"):
+        ThinkfastLM(pretrained=str(tiny_student), device="cpu", ssm_state_dtype="fp8")
+    lm = ThinkfastLM(pretrained=str(tiny_student), device="cpu", ssm_state_dtype="bfloat16")
+    assert lm.get_model_info()["ssm_state_dtype"] == "bfloat16"
+    states = [layer["ssm_state"] for layer in lm.model.allocate_decode_state(1, 8, device="cpu").layers
+              if "ssm_state" in layer]
+    assert states and all(s.dtype == torch.bfloat16 for s in states)
 
 
 def test_bad_task_options():

@@ -16,6 +16,10 @@ Rows:
   teacher       the same teacher under this engine (MambaInLlama with every layer attention)
   mil50         MambaInLlama with attention in every other layer (50%)
   llamba        Llamba at the teacher's width
+  mil50-bf16-state, llamba-bf16-state
+                the same students keeping their SSM state in bfloat16 instead of float32 (not in the default
+                rows: `--rows teacher,llamba,llamba-bf16-state`); at 512 + 512 tokens their state is most of the
+                bytes a decode step moves
 
 Per row and batch: generated tokens/s (end to end, prefill included), ms per decode step, prefill time,
 peak GPU memory, and the bandwidth floor of a decode step: the bytes a step must move (weights read once, plus per sequence
@@ -39,6 +43,8 @@ import torch
 from harness_ext.generation.engine import Engine, SamplingParams
 
 ROWS = ("hf-generate", "teacher", "mil50", "llamba")
+BF16_STATE = "-bf16-state"
+EXTRA_ROWS = tuple(r + BF16_STATE for r in ("mil50", "llamba"))
 DEFAULT_BATCHES = "1,16,64,256,512,1024"
 
 # SmolLM2-135M-Instruct's architecture (the default teacher)
@@ -62,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--teacher", default=None, help="teacher checkpoint directory (default: SmolLM2-135M's config, random weights)")
     parser.add_argument("--batches", default=DEFAULT_BATCHES, help=f"comma-separated batch sizes (default {DEFAULT_BATCHES})")
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows out of {','.join(ROWS)}")
+    parser.add_argument("--rows", default=",".join(ROWS),
+                        help=f"comma-separated rows out of {','.join(ROWS + EXTRA_ROWS)} (default {','.join(ROWS)})")
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--gen-len", type=int, default=512)
     parser.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (smoke tests)")
@@ -87,9 +94,9 @@ def run(args) -> int:
         return run_gsm8k_sampling(args, device, dtype, out)
     batches = _int_list(args.batches, "--batches")
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = [r for r in rows if r not in ROWS]
+    unknown = [r for r in rows if r not in ROWS + EXTRA_ROWS]
     if unknown:
-        raise SystemExit(f"--rows: unknown {unknown}; choose from {', '.join(ROWS)}")
+        raise SystemExit(f"--rows: unknown {unknown}; choose from {', '.join(ROWS + EXTRA_ROWS)}")
     if args.prompt_len < 1 or args.gen_len < 1:
         raise SystemExit("--prompt-len and --gen-len must be >= 1")
     teacher_config = _teacher_config(args)
@@ -185,6 +192,10 @@ def _teacher_dir(args, teacher_config, workdir: Path) -> str:
 
 
 def _build(row, teacher_dir, device, dtype):
+    from harness_ext.models import set_ssm_state_dtype
+
+    if row.endswith(BF16_STATE):
+        return set_ssm_state_dtype(_build(row[:-len(BF16_STATE)], teacher_dir, device, dtype), "bfloat16")
     from transformers import LlamaForCausalLM
 
     from harness_ext.models import load_model

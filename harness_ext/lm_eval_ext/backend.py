@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 _UNSUPPORTED = ("parallelize", "tp_plan", "peft", "delta", "autogptq", "gptqmodel", "gguf_file",
                 "max_memory_per_gpu", "max_cpu_memory", "offload_folder", "backend")
 _ACCEPTED = ("pretrained", "device", "dtype", "batch_size", "max_batch_size", "seed", "use_cuda_graphs", "warmup",
+             "ssm_state_dtype",
              "max_length", "tokenizer", "add_bos_token", "prefix_token_id", "truncation", "logits_cache",
              "softmax_dtype", "mixed_precision_dtype", "use_fast_tokenizer", "revision", "subfolder",
              "think_end_token", "enable_thinking", "chat_template_args",
@@ -72,7 +73,8 @@ class ThinkfastLM(HFLM):
 
     def __init__(self, pretrained: str | None = None, device: str | None = None, dtype: str | None = "auto",
                  batch_size: int | str | None = 1, max_batch_size: int | None = None, seed: int = 0,
-                 use_cuda_graphs: bool | None = None, warmup: bool | str | None = None, **kwargs) -> None:
+                 use_cuda_graphs: bool | None = None, warmup: bool | str | None = None,
+                 ssm_state_dtype: str | None = None, **kwargs) -> None:
         unknown = sorted(k for k in kwargs if k not in _ACCEPTED)
         if unknown:
             bad = ", ".join(repr(k) for k in unknown)
@@ -87,6 +89,12 @@ class ThinkfastLM(HFLM):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self._seed = int(seed)
         self._use_cuda_graphs = use_cuda_graphs
+        if ssm_state_dtype is not None:
+            from harness_ext.models.runtime import STATE_DTYPES
+            if ssm_state_dtype not in STATE_DTYPES:
+                raise ValueError(f"--model {self.MODEL_NAME}: ssm_state_dtype={ssm_state_dtype!r} is not one of "
+                                 f"{', '.join(STATE_DTYPES)}")
+        self._ssm_state_dtype = ssm_state_dtype
         # warm-up (default on CUDA): kernel compilation / autotuning and CUDA-graph capture happen once per
         # process, before the timed generation, so the reported generation time is the steady state's
         self._warmup = None if warmup is None else str(warmup).lower() in ("1", "true", "yes", "on")
@@ -131,13 +139,14 @@ class ThinkfastLM(HFLM):
 
         # kwargs: HFLM's own loading options (parallelize, peft, ...), left at their defaults by __init__'s check
         self._model = load_model(os.path.expanduser(pretrained), device=self.device,
-                                 dtype=_resolve_dtype(dtype, self.device))
+                                 dtype=_resolve_dtype(dtype, self.device), ssm_state_dtype=self._ssm_state_dtype)
         self._model.eval()
 
     def get_model_info(self) -> dict:
         return {"model_num_parameters": sum(p.numel() for p in self._model.parameters()),
                 "model_dtype": str(next(self._model.parameters()).dtype),
                 "model_type": getattr(self._model.config, "model_type", None),
+                "ssm_state_dtype": getattr(self._model.config, "ssm_state_dtype", None),
                 "model_revision": self.revision, "model_sha": "",
                 "thinkfast_generation": {**self._generation,
                                          "wall_clock_seconds": round(self._generation["wall_clock_seconds"], 3)}}

@@ -89,10 +89,25 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {path}")
 
 
-def load_model(path_or_id, device=None, dtype=None):
+def set_ssm_state_dtype(model, name: str):
+    """The dtype every SSM layer keeps its recurrent state in while generating (float32, bfloat16, float16).
+    Training never stores the state; a decode step reads and writes it whole, so at GSM8K lengths bfloat16
+    halves the bytes a student's step moves (vLLM's default for Mamba caches is the model dtype, too)."""
+    from .runtime import state_dtype
+
+    state_dtype(name)  # a clear error for an unknown name
+    model.config.ssm_state_dtype = name
+    for module in model.modules():
+        if module is not model and hasattr(module, "ssm_state_dtype"):
+            module.ssm_state_dtype = name
+    return model
+
+
+def load_model(path_or_id, device=None, dtype=None, ssm_state_dtype: str | None = None):
     """Load a Llamba, MambaInLlama or Llama checkpoint directory as a thinkfast model (eval mode).
 
     A Llama becomes a MambaInLlama with every layer attention, so the engine runs all three the same way.
+    `ssm_state_dtype` overrides the checkpoint's (see `set_ssm_state_dtype`).
     """
     register()
     from transformers import AutoConfig
@@ -117,6 +132,8 @@ def load_model(path_or_id, device=None, dtype=None):
     else:
         raise ValueError(f"unknown architecture model_type={model_type!r} in {path / 'config.json'}; "
                          "expected 'llamba', 'mambainllama' or 'llama'")
+    if ssm_state_dtype is not None:
+        set_ssm_state_dtype(model, ssm_state_dtype)
     if device is not None:
         model = model.to(device)
     return model.eval()
