@@ -126,6 +126,7 @@ class Budget:
     distill_stage_tokens: tuple[tuple[str, str, int], ...] = ()   # (recipe, stage, tokens) overrides
     bench_args: tuple[str, ...] = ()
     leaderboard_args: tuple[str, ...] = ()
+    ssm_state_dtype: str | None = None   # the students' SSM state while generating; None: the checkpoint's (float32)
 
     def gen_toks(self, task: str) -> int | None:
         return self.max_gen_toks or dict(self.task_max_gen_toks).get(task)
@@ -356,7 +357,8 @@ class Reproduction:
             if stage == "eval-teacher":  # keyed by teacher + task settings only: reused whatever the students
                 return {**base, **teacher_id, **tasks}
             student = self.student(stage)
-            return {**base, "student": self.identity(self.upstream(stage, student.stage)), **tasks}
+            state = {"ssm_state_dtype": b.ssm_state_dtype} if b.ssm_state_dtype else {}
+            return {**base, "student": self.identity(self.upstream(stage, student.stage)), **tasks, **state}
         if stage == "bench":
             return {**base, **teacher_id, "args": list(b.bench_args), "device": self.device}
         if stage == "leaderboard":
@@ -620,6 +622,9 @@ class Reproduction:
         The card is the one each task record names (`card`: for records that name none, e.g. from another
         machine, else this machine's)."""
         _, name, arch, role, bench_model, tokens, checkpoint = self._eval_model(stage)
+        if role == "student" and self.budget.ssm_state_dtype == "bfloat16":
+            # another configuration of the same checkpoint: its own leaderboard row, and the bench row to match
+            name, bench_model = f"{name}-bf16-state", f"{bench_model}-bf16-state"
         records = {task: read_json(folder / "tasks" / f"{task}.json") for task in TASKS}
         records = {task: r for task, r in records.items() if r}
         if not records:
@@ -640,7 +645,9 @@ class Reproduction:
                 "smoke": self.smoke,
                 "settings": {"budget": self.budget.name, "n": self.budget.n, "temperature": self.budget.temperature,
                              "limit": self.budget.limit, "max_gen_toks": {t: self.budget.gen_toks(t) for t in TASKS},
-                             "prm": prm},
+                             "prm": prm,
+                             **({"ssm_state_dtype": self.budget.ssm_state_dtype}
+                                if role == "student" and self.budget.ssm_state_dtype else {})},
                 "tasks_missing": [t for t in TASKS if t not in records]}
         atomic_write_json(model_dir / META_FILE, meta)
         return model_dir / META_FILE
@@ -661,9 +668,10 @@ class Reproduction:
             record = read_json(done_file)
             self.log(f"{task}: finished earlier ({record['results']})")
             return record
-        backend, *_, checkpoint = self._eval_model(stage)
+        backend, _, _, role, *_, checkpoint = self._eval_model(stage)
         prm, _ = self.prm_spec()
-        cmd = self.lm_eval_cmd(backend, checkpoint, task, prm, folder / "lm_eval")
+        cmd = self.lm_eval_cmd(backend, checkpoint, task, prm, folder / "lm_eval",
+                               ssm_state_dtype=self.budget.ssm_state_dtype if role == "student" else None)
         started = time.time()
         seconds = self.execute(stage, cmd)
         record = summarize_eval(stage, task, folder / "lm_eval", started, checkpoint, seconds, self.budget.n)
@@ -687,13 +695,15 @@ class Reproduction:
                                           f"{g['wall_clock_seconds']:.1f}s" for t, g in generation.items()))
         return {"results": str(results_root.resolve()), "meta": str(meta.resolve())}, commands, {}
 
-    def lm_eval_cmd(self, backend: str, checkpoint: Path, task: str, prm: str | None, out: Path) -> list[str]:
+    def lm_eval_cmd(self, backend: str, checkpoint: Path, task: str, prm: str | None, out: Path,
+                    ssm_state_dtype: str | None = None) -> list[str]:
         b = self.budget
+        model_args = f"pretrained={checkpoint}" + (f",ssm_state_dtype={ssm_state_dtype}" if ssm_state_dtype else "")
         metadata = {"n": b.n, **({"prm": str(prm)} if prm else {})}
         if prm and self.device == "cpu":
             metadata["prm_device"] = "cpu"
         gen = f"temperature={b.temperature}" + (f",max_gen_toks={b.gen_toks(task)}" if b.gen_toks(task) else "")
-        cmd = [sys.executable, "-m", "lm_eval", "--model", backend, "--model_args", f"pretrained={checkpoint}",
+        cmd = [sys.executable, "-m", "lm_eval", "--model", backend, "--model_args", model_args,
                "--tasks", task, "--apply_chat_template", "--batch_size", "auto", "--device", self.device,
                "--gen_kwargs", gen, "--metadata", json.dumps(metadata, separators=(",", ":")),
                "--seed", str(self.seed), "--log_samples", "--output_path", str(out.resolve())]
@@ -1411,6 +1421,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-gen-toks", type=int, default=None,
                         help="max new tokens per completion, every task (default: the budget's, else the task's: "
                              "GSM8K 400 / MATH 1024; smoke 24)")
+    parser.add_argument("--ssm-state-dtype", choices=("float32", "bfloat16"), default=None,
+                        help="the students' SSM state while they generate in the eval stages (lm-eval model_args "
+                             "ssm_state_dtype); default: the checkpoint's, float32")
     parser.add_argument("--heartbeat", type=float, default=60.0, help="seconds between status lines (default 60)")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -1434,6 +1447,8 @@ def run(args: argparse.Namespace) -> int:
         if v < 1:
             raise SystemExit(f"thinkfast reproduce: --{k.replace('_', '-')} must be positive, got {v}")
     budget = dataclasses.replace(budget, **overrides)
+    if args.ssm_state_dtype:
+        budget = dataclasses.replace(budget, ssm_state_dtype=args.ssm_state_dtype)
     visible = torch.cuda.device_count() if cuda and not smoke else 0
     gpus = args.gpus if args.gpus is not None else (visible or 1)
     if gpus < 1:

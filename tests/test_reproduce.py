@@ -9,6 +9,7 @@ leaderboard`, the real `lm_eval` CLI) in a temporary workdir; later tests re-inv
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -295,6 +296,13 @@ def test_default_prm_is_recorded_not_trained(tmp_path):
         "stages.matrix.max_tokens=2000000", "stages.hidden.max_tokens=6000000", "stages.kd.max_tokens=16000000"]
     assert not [a for a in fast.distill_args(R.STUDENTS["mil"], Path("OUT")) if a.startswith("stages.")]
     assert R.Budget.from_json(json.loads(json.dumps(R.FAST.to_json()))) == R.FAST
+    # --ssm-state-dtype bfloat16: the students generate with bf16 state, through lm-eval's model_args
+    bf16 = dataclasses.replace(R.FAST, ssm_state_dtype="bfloat16")
+    assert R.Budget.from_json(json.loads(json.dumps(bf16.to_json()))) == bf16
+    state = R.Reproduction(tmp_path, R.DEFAULT_TEACHER, bf16, smoke=False, device="cuda", prm="default")
+    cmd = state.lm_eval_cmd("llamba", Path("/c"), "gsm8k500_bon", "default", tmp_path, ssm_state_dtype="bfloat16")
+    assert cmd[cmd.index("--model_args") + 1] == "pretrained=/c,ssm_state_dtype=bfloat16"
+    assert cmd[cmd.index("--model") + 1] == "llamba"
 
 
 # ----------------------------------------------------------------------------- the smoke reproduction
@@ -372,6 +380,35 @@ def test_smoke_reproduction_end_to_end(smoke_run):
         assert name in board
     if not prm_ok:
         assert "n/a" in board
+
+
+class _Captured(Exception):
+    pass
+
+
+def test_bf16_state_reaches_the_student_evaluations_only(smoke_run, monkeypatch):
+    """--ssm-state-dtype bfloat16 re-keys the students' evaluations (not the teacher's) and puts the dtype in
+    their lm-eval model_args."""
+    workdir, _ = smoke_run
+    plain = R.Reproduction(workdir, R.DEFAULT_TEACHER, R.SMOKE, smoke=True, device="cpu", prm="default")
+    state = R.Reproduction(workdir, R.DEFAULT_TEACHER, dataclasses.replace(R.SMOKE, ssm_state_dtype="bfloat16"),
+                           smoke=True, device="cpu", prm="default")
+    assert state.key("eval-teacher") == plain.key("eval-teacher")
+    for stage in ("eval-mil", "eval-llamba"):
+        assert state.key(stage) != plain.key(stage) and state.inputs(stage)["ssm_state_dtype"] == "bfloat16"
+    commands = {}
+
+    def capture(stage, cmd):
+        commands[stage] = cmd
+        raise _Captured()
+    monkeypatch.setattr(state, "task_done", lambda stage, task: False)
+    monkeypatch.setattr(state, "execute", capture)
+    for stage in ("eval-teacher", "eval-llamba"):
+        with pytest.raises(_Captured):
+            state._eval_task(stage, workdir / "unused", "gsm8k500_bon")
+    model_args = {stage: cmd[cmd.index("--model_args") + 1] for stage, cmd in commands.items()}
+    assert "ssm_state_dtype" not in model_args["eval-teacher"]
+    assert model_args["eval-llamba"].endswith(",ssm_state_dtype=bfloat16")
 
 
 @pytest.mark.slow
