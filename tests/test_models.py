@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -729,3 +731,31 @@ def test_init_from_real_teacher(request, tmp_path):
         for student in (hybrid, llamba):
             assert torch.isfinite(student(ids).logits).all()
     assert (tmp_path / "llamba" / "tokenizer.json").is_file() or (tmp_path / "llamba" / "tokenizer_config.json").is_file()
+
+
+def test_mamba_triton_loader_skips_the_package_init_and_caches_autotuning(tmp_path):
+    """mamba-ssm's Triton modules load without its `__init__` (which needs the CUDA extension), and with
+    TRITON_CACHE_AUTOTUNING=1 set before their @autotune decorators run, unless the user chose otherwise."""
+    import subprocess
+    import sys
+
+    triton_dir = tmp_path / "mamba_ssm" / "ops" / "triton"
+    triton_dir.mkdir(parents=True)
+    (tmp_path / "mamba_ssm" / "__init__.py").write_text("raise ImportError('the real __init__ ran')\n")
+    (tmp_path / "mamba_ssm" / "ops" / "__init__.py").write_text("")
+    (triton_dir / "__init__.py").write_text("")
+    for module, fn in (("ssd_combined", "mamba_chunk_scan_combined"),
+                       ("selective_state_update", "selective_state_update"), ("layernorm_gated", "rmsnorm_fn")):
+        (triton_dir / f"{module}.py").write_text(
+            f"import os\nSEEN = os.environ.get('TRITON_CACHE_AUTOTUNING')\ndef {fn}(*args, **kwargs):\n    pass\n")
+    probe = ("import sys\nfrom harness_ext.models import ssd\nassert ssd._load_mamba_triton() is not None, "
+             "ssd._MAMBA_TRITON_ERROR\nprint(sys.modules['mamba_ssm.ops.triton.ssd_combined'].SEEN)\n")
+    repo = str(Path(__file__).resolve().parents[1])
+    for preset, expected in ((None, "1"), ("0", "0")):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_CACHE_AUTOTUNING"}
+        env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), repo])
+        if preset is not None:
+            env["TRITON_CACHE_AUTOTUNING"] = preset
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip().splitlines()[-1] == expected

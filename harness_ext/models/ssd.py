@@ -68,6 +68,10 @@ def _load_mamba_triton() -> dict | None:
             package.__package__ = "mamba_ssm"
             package.__spec__ = spec
             sys.modules["mamba_ssm"] = package
+        # Triton reads this when the kernels' @autotune decorators run (at import): the winning configs are then
+        # kept in Triton's cache dir, and every later process (each eval task, each distill stage) skips the
+        # benchmarking, also choosing the same config each time. TRITON_CACHE_AUTOTUNING=0 turns it off.
+        os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
         ssd_combined = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
         state_update = importlib.import_module("mamba_ssm.ops.triton.selective_state_update")
         layernorm_gated = importlib.import_module("mamba_ssm.ops.triton.layernorm_gated")
