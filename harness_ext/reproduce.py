@@ -126,7 +126,7 @@ class Budget:
     distill_stage_tokens: tuple[tuple[str, str, int], ...] = ()   # (recipe, stage, tokens) overrides
     bench_args: tuple[str, ...] = ()
     leaderboard_args: tuple[str, ...] = ()
-    ssm_state_dtype: str | None = None   # the students' SSM state while generating; None: the checkpoint's (float32)
+    ssm_state_dtype: str | None = None   # "bfloat16": the students' SSM state while generating; None: the checkpoint's
 
     def gen_toks(self, task: str) -> int | None:
         return self.max_gen_toks or dict(self.task_max_gen_toks).get(task)
@@ -622,7 +622,8 @@ class Reproduction:
         The card is the one each task record names (`card`: for records that name none, e.g. from another
         machine, else this machine's)."""
         _, name, arch, role, bench_model, tokens, checkpoint = self._eval_model(stage)
-        if role == "student" and self.budget.ssm_state_dtype == "bfloat16":
+        state = self.eval_state_dtype(role)
+        if state:
             # another configuration of the same checkpoint: its own leaderboard row, and the bench row to match
             name, bench_model = f"{name}-bf16-state", f"{bench_model}-bf16-state"
         records = {task: read_json(folder / "tasks" / f"{task}.json") for task in TASKS}
@@ -646,8 +647,7 @@ class Reproduction:
                 "settings": {"budget": self.budget.name, "n": self.budget.n, "temperature": self.budget.temperature,
                              "limit": self.budget.limit, "max_gen_toks": {t: self.budget.gen_toks(t) for t in TASKS},
                              "prm": prm,
-                             **({"ssm_state_dtype": self.budget.ssm_state_dtype}
-                                if role == "student" and self.budget.ssm_state_dtype else {})},
+                             **({"ssm_state_dtype": state} if state else {})},
                 "tasks_missing": [t for t in TASKS if t not in records]}
         atomic_write_json(model_dir / META_FILE, meta)
         return model_dir / META_FILE
@@ -671,7 +671,7 @@ class Reproduction:
         backend, _, _, role, *_, checkpoint = self._eval_model(stage)
         prm, _ = self.prm_spec()
         cmd = self.lm_eval_cmd(backend, checkpoint, task, prm, folder / "lm_eval",
-                               ssm_state_dtype=self.budget.ssm_state_dtype if role == "student" else None)
+                               ssm_state_dtype=self.eval_state_dtype(role))
         started = time.time()
         seconds = self.execute(stage, cmd)
         record = summarize_eval(stage, task, folder / "lm_eval", started, checkpoint, seconds, self.budget.n)
@@ -694,6 +694,10 @@ class Reproduction:
         self.log(f"{name}: " + ", ".join(f"{t} {g['num_samples']} samples, {g['generated_tokens']:,} tokens in "
                                           f"{g['wall_clock_seconds']:.1f}s" for t, g in generation.items()))
         return {"results": str(results_root.resolve()), "meta": str(meta.resolve())}, commands, {}
+
+    def eval_state_dtype(self, role: str) -> str | None:
+        """The SSM state dtype an evaluation passes to lm-eval: the budget's, for students only."""
+        return self.budget.ssm_state_dtype if role == "student" else None
 
     def lm_eval_cmd(self, backend: str, checkpoint: Path, task: str, prm: str | None, out: Path,
                     ssm_state_dtype: str | None = None) -> list[str]:
@@ -1421,7 +1425,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-gen-toks", type=int, default=None,
                         help="max new tokens per completion, every task (default: the budget's, else the task's: "
                              "GSM8K 400 / MATH 1024; smoke 24)")
-    parser.add_argument("--ssm-state-dtype", choices=("float32", "bfloat16"), default=None,
+    parser.add_argument("--ssm-state-dtype", choices=("bfloat16",), default=None,
                         help="the students' SSM state while they generate in the eval stages (lm-eval model_args "
                              "ssm_state_dtype); default: the checkpoint's, float32")
     parser.add_argument("--heartbeat", type=float, default=60.0, help="seconds between status lines (default 60)")

@@ -89,11 +89,12 @@ class ThinkfastLM(HFLM):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self._seed = int(seed)
         self._use_cuda_graphs = use_cuda_graphs
-        if ssm_state_dtype is not None:
-            from harness_ext.models.runtime import STATE_DTYPES
-            if ssm_state_dtype not in STATE_DTYPES:
-                raise ValueError(f"--model {self.MODEL_NAME}: ssm_state_dtype={ssm_state_dtype!r} is not one of "
-                                 f"{', '.join(STATE_DTYPES)}")
+        if ssm_state_dtype is not None:  # checked before any loading
+            from harness_ext.models.runtime import state_dtype
+            try:
+                state_dtype(ssm_state_dtype)
+            except ValueError as exc:
+                raise ValueError(f"--model {self.MODEL_NAME}: {exc}") from None
         self._ssm_state_dtype = ssm_state_dtype
         # warm-up (default on CUDA): kernel compilation / autotuning and CUDA-graph capture happen once per
         # process, before the timed generation, so the reported generation time is the steady state's
