@@ -9,6 +9,8 @@
     # A/B of the Triton conv and varlen training attention against the reference paths, one GPU call (< 4 min)
     python scripts/bench_distill.py --out runs/bench_distill_ab --micro-batches 16 \
         --configs chunked-compile,chunked-compile-conv,chunked-compile-fast
+    # where a step's time goes: 2 more steps under torch.profiler, ops table in runs/bench_distill_prof/profile_*.txt
+    python scripts/bench_distill.py --out runs/bench_distill_prof --configs chunked-compile --micro-batches 16 --profile 2
     # the same with any environment: one run of the chosen configs per --env (an empty one = as is)
     python scripts/bench_distill.py --out runs/bench_distill_ab --configs chunked-compile --micro-batches 16 \
         --env "" --env THINKFAST_CONV=triton,THINKFAST_TRAIN_ATTN=varlen
@@ -177,6 +179,9 @@ def _run_config(row, name, spec, arch, micro, args, teacher, teacher_dir, device
                 break  # time box (host time; the GPU may lag a little, the sync below accounts for it)
         sync()
         wall = time.perf_counter() - t0
+        if args.profile:
+            row["profile"] = profile_steps(trainer, args.warmup + done, args.profile, device,
+                                           args.profile_dir / f"profile_{arch}_{name}_mb{micro}.txt")
         tok_s = done * micro * args.seq_len / wall
         loss = float(trainer._loss_sum) / max(done, 1)
         row.update(steps=done, step_ms=1000 * wall / done, tokens_per_s=tok_s, first_loss=first_loss, loss=loss,
@@ -198,6 +203,23 @@ def _run_config(row, name, spec, arch, micro, args, teacher, teacher_dir, device
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return row
+
+
+def profile_steps(trainer, first_step, steps, device, path) -> str:
+    """Run `steps` more optimizer steps under torch.profiler and write the ops table (by self device time) to `path`:
+    where a step's time goes, which the tokens/s above cannot say."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for step in range(first_step, first_step + steps):
+            trainer.train_step(step)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{steps} optimizer steps, sorted by {key}\n"
+                    + prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=90))
+    return str(path)
 
 
 def fmt(v, spec):
@@ -224,6 +246,9 @@ def main(argv=None) -> int:
     parser.add_argument("--env", action="append", default=None, metavar="NAME=VALUE,...",
                         help="repeatable: run every chosen config once per --env with these environment variables "
                              "(\"\" = unchanged), e.g. --env \"\" --env THINKFAST_CONV=triton,THINKFAST_TRAIN_ATTN=varlen")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after the timed steps, profile this many more (torch.profiler) and write "
+                             "OUT/profile_<arch>_<config>_mb<m>.txt, the ops by self device time")
     args = parser.parse_args(argv)
 
     import harness_ext.models as models
@@ -245,6 +270,7 @@ def main(argv=None) -> int:
         forced = [2] if args.tiny else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    args.profile_dir = out
 
     from transformers import LlamaForCausalLM
     t_start = time.perf_counter()

@@ -345,11 +345,14 @@ def test_triton_causal_conv1d_matches_ref_under_interpreter():
     assert "conv OK" in proc.stdout
 
 
-def test_conv_dispatch_defaults_to_ref(monkeypatch):
+def test_conv_dispatch_defaults_to_triton_on_cuda_only(monkeypatch):
     from harness_ext.models import conv_kernels
     x = torch.randn(1, 5, 3)
     monkeypatch.delenv("THINKFAST_CONV", raising=False)
-    assert conv_kernels.conv_mode() == "ref" and not conv_kernels.use_triton_conv(x)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert conv_kernels.conv_mode() == "auto" and not conv_kernels.use_triton_conv(x)  # auto: CUDA tensors only
+    monkeypatch.setenv("THINKFAST_CONV", "ref")
+    assert not conv_kernels.use_triton_conv(x)
     monkeypatch.setenv("THINKFAST_CONV", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not conv_kernels.use_triton_conv(x)          # CPU tensor, no interpreter: the reference

@@ -250,9 +250,9 @@ def test_plan_prints_dag_schedule_on_four_gpus(tmp_path, capsys):
                      r"-> leaderboard", text)
     assert R.run(parse("--plan", "--gpus", "4", "--budget", "fast", "--no-split-eval", "--workdir", str(tmp_path))) == 0
     unsplit = capsys.readouterr().out
-    assert ":math500_bon" not in unsplit and "critical path teacher -> init -> distill-llamba -> eval-llamba -> " \
-        "leaderboard" in unsplit
-    assert "math500_bon max_gen_toks 512 (full 1024)" in text and "llamba kd 16,000,000 tokens" in text
+    assert ":math500_bon" not in unsplit and re.search(r"critical path teacher -> init -> distill-(mil|llamba) -> "
+                                                       r"eval-(mil|llamba) -> leaderboard", unsplit)
+    assert "budget fast differs from the paper's protocol (full): math500_bon max_gen_toks 512 (full 1024)\n" in text
     assert not any(tmp_path.iterdir())  # nothing ran
 
     # the full protocol: same DAG, longer; one GPU: the serial sum
@@ -292,9 +292,10 @@ def test_default_prm_is_recorded_not_trained(tmp_path):
     assert cmd[cmd.index("--gen_kwargs") + 1] == "temperature=0.8,max_gen_toks=512"
     cmd = fast.lm_eval_cmd("llamba", Path("/c"), "gsm8k500_bon", "default", tmp_path)
     assert cmd[cmd.index("--gen_kwargs") + 1] == "temperature=0.8"
-    assert [a for a in fast.distill_args(R.STUDENTS["llamba"], Path("OUT")) if a.startswith("stages.")] == [
-        "stages.matrix.max_tokens=2000000", "stages.hidden.max_tokens=6000000", "stages.kd.max_tokens=16000000"]
-    assert not [a for a in fast.distill_args(R.STUDENTS["mil"], Path("OUT")) if a.startswith("stages.")]
+    for student in R.STUDENTS.values():   # both distil with their recipes' budgets
+        assert not [a for a in fast.distill_args(student, Path("OUT")) if a.startswith("stages.")]
+    # Llamba's recipe: stage 1 off (stage 0 calibrates), so reproduce plans only the stages that train
+    assert list(fast.distill_stage_budgets(R.STUDENTS["llamba"])) == ["hidden", "kd"]
     assert R.Budget.from_json(json.loads(json.dumps(R.FAST.to_json()))) == R.FAST
     # --ssm-state-dtype bfloat16: the students generate with bf16 state, through lm-eval's model_args
     bf16 = dataclasses.replace(R.FAST, ssm_state_dtype="bfloat16")

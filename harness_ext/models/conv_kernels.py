@@ -17,11 +17,14 @@ Shapes: x [b, l, c] (channel stride 1; a column slice of the in_proj output is f
 seq_idx [b, l] int. The reference twin is `ssd.causal_conv1d_ref`; `ssd.causal_conv1d` dispatches here when
 `use_triton_conv(x)`:
 
-    THINKFAST_CONV=ref      (default) the PyTorch reference, everywhere
+    THINKFAST_CONV=auto     (default) these kernels on CUDA tensors, the reference elsewhere
+    THINKFAST_CONV=ref      the PyTorch reference, everywhere
     THINKFAST_CONV=triton   these kernels on CUDA tensors (and on CPU under TRITON_INTERPRET=1, for tests)
 
-The default stays `ref` until the lead has validated the kernels on the GPU (scripts/gpu_check_kernels.py --only
-conv); `CONV_MODE` below overrides the environment (the GPU check flips it to compare both paths in one process).
+`auto` since the H100 check (scripts/gpu_check_kernels.py --only conv, leaderboards/kernels) and the trainer
+benchmark: the reference conv's float32 passes were the largest item of Llamba's training step (scripts/
+bench_distill.py --profile). `CONV_MODE` below overrides the environment (the GPU check flips it to compare both
+paths in one process).
 """
 from __future__ import annotations
 
@@ -44,10 +47,10 @@ BLOCK_C = 128
 
 
 def conv_mode() -> str:
-    mode = CONV_MODE if CONV_MODE is not None else os.environ.get("THINKFAST_CONV", "ref")
+    mode = CONV_MODE if CONV_MODE is not None else os.environ.get("THINKFAST_CONV", "auto")
     mode = mode.strip().lower()
-    if mode not in ("ref", "triton"):
-        raise ValueError(f"THINKFAST_CONV must be ref or triton, got {mode!r}")
+    if mode not in ("auto", "ref", "triton"):
+        raise ValueError(f"THINKFAST_CONV must be auto, ref or triton, got {mode!r}")
     return mode
 
 
@@ -56,15 +59,16 @@ def _interpreting() -> bool:
 
 
 def use_triton_conv(x: torch.Tensor) -> bool:
-    """Triton conv when asked for (THINKFAST_CONV=triton), Triton is importable, THINKFAST_KERNELS is not `ref`,
-    and x is on CUDA (or on CPU under the Triton interpreter)."""
-    if conv_mode() != "triton" or triton is None:
+    """Triton conv when THINKFAST_CONV is not `ref`, Triton is importable, THINKFAST_KERNELS is not `ref`, and x is
+    on CUDA (or, with THINKFAST_CONV=triton, on CPU under the Triton interpreter)."""
+    mode = conv_mode()
+    if mode == "ref" or triton is None:
         return False
     from .ssd import kernel_mode
 
     if kernel_mode() == "ref":
         return False
-    return x.is_cuda or _interpreting()
+    return x.is_cuda or (mode == "triton" and _interpreting())
 
 
 if triton is not None:

@@ -47,7 +47,8 @@ from transformers import PretrainedConfig
 
 from . import decode_kernels as ssd_decode
 from . import ssd
-from .runtime import DecoderLayer, ForwardContext, HybridForCausalLM, SSMMixerBase, fused_linear_weight
+from .runtime import (DecoderLayer, ForwardContext, HybridForCausalLM, SSMMixerBase, aligned_linear,
+                      fused_linear_weight)
 
 SILU_INVERSE_OF_ONE = 1.2784645      # silu(z) == 1: a zero-weight gate with this bias passes y through
 
@@ -131,7 +132,7 @@ class DiscreteMamba2(SSMMixerBase):
         return self.out_proj(y * F.silu(z + self.z_bias))
 
     def mix(self, hidden, ctx: ForwardContext):
-        xBC, z, dt = self._split_in_proj(self.in_proj(hidden))
+        xBC, z, dt = self._split_in_proj(aligned_linear(hidden, self.in_proj))
         xBC, conv_state = self._conv_full(xBC, ctx)
         x, B, C = self._heads(xBC)
         dt = F.softplus(dt.float())
@@ -165,7 +166,7 @@ class DiscreteMamba2(SSMMixerBase):
 
     def mixing_inputs(self, hidden_states, seq_idx=None):
         """The scan's operands for a full sequence: x [b, l, h, p] (post-conv), dt [b, l, h] (after softplus), B, C."""
-        xBC, _, dt = self._split_in_proj(self.in_proj(hidden_states))
+        xBC, _, dt = self._split_in_proj(aligned_linear(hidden_states, self.in_proj))
         xBC = ssd.causal_conv1d(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx,
                                 activation=self.conv_activation)
         x, B, C = self._heads(xBC)

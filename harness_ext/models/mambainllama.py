@@ -28,7 +28,7 @@ from transformers import LlamaConfig
 
 from . import decode_kernels as ssd_decode
 from . import ssd
-from .runtime import (DecoderLayer, ForwardContext, HybridForCausalLM, LlamaAttention, SSMMixerBase,
+from .runtime import (DecoderLayer, ForwardContext, HybridForCausalLM, LlamaAttention, SSMMixerBase, aligned_linear,
                       fused_linear_weight)
 
 
@@ -115,7 +115,7 @@ class MambaInLlamaMixer(SSMMixerBase):
         return self.out_proj(y)
 
     def mix(self, hidden, ctx: ForwardContext):
-        z, xBC, dt = self._split_in_proj(self.in_proj(hidden))
+        z, xBC, dt = self._split_in_proj(aligned_linear(hidden, self.in_proj))
         xBC, conv_state = self._conv_full(xBC, ctx)
         x, B, C = self._heads(xBC)
         y, ssm_state = self._scan_full(x, dt, self._A(), B, C, ctx, D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
@@ -151,7 +151,7 @@ class MambaInLlamaMixer(SSMMixerBase):
 
     def materialize_mixing_matrix(self, hidden_states, seq_idx=None):
         """[B, nheads, L, L]: M with y_i = sum_j M[i, j] x_j for this mixer's (post-conv) x, before D and the gate."""
-        z, xBC, dt = self._split_in_proj(self.in_proj(hidden_states))
+        z, xBC, dt = self._split_in_proj(aligned_linear(hidden_states, self.in_proj))
         xBC = ssd.causal_conv1d(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx,
                                 activation=self.conv_activation)
         _, B, C = self._heads(xBC)

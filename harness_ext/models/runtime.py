@@ -60,6 +60,19 @@ def fused_linear_weight(owner: nn.Module, name: str, linears: list[nn.Linear], p
     return hit[1], hit[2]
 
 
+def aligned_linear(x: torch.Tensor, linear: nn.Linear, multiple: int = 64) -> torch.Tensor:
+    """linear(x), with the weight's output rows zero-padded to a multiple of `multiple` inside the GEMM and the
+    padding sliced off the result (a view). The mixers' in_proj widths (Llamba 2313, MambaInLlama 1545) send cuBLAS
+    to align-1 (sm75 cutlass) kernels in the forward and both backward GEMMs: ~18% of a Llamba training step on an
+    H100 (scripts/bench_distill.py --profile). Values and gradients are linear(x)'s: the padded rows are constants."""
+    pad = -linear.out_features % multiple
+    if pad == 0:
+        return linear(x)
+    weight = F.pad(linear.weight, (0, 0, 0, pad))
+    bias = None if linear.bias is None else F.pad(linear.bias, (0, pad))
+    return F.linear(x, weight, bias)[..., :linear.out_features]
+
+
 # --------------------------------------------------------------------------------------------------
 # states
 

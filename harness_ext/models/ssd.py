@@ -9,7 +9,7 @@ Triton modules are loaded without running that `__init__` (see `_load_mamba_trit
     THINKFAST_KERNELS=triton   mamba-ssm Triton kernels (error if they are missing or the tensors are not on CUDA)
     THINKFAST_KERNELS=auto     (default) Triton on CUDA when importable, else the reference
 
-The depthwise conv has its own switch, THINKFAST_CONV=ref|triton (default ref; see `conv_kernels`).
+The depthwise conv has its own switch, THINKFAST_CONV=auto|ref|triton (default auto: Triton on CUDA; see `conv_kernels`).
 
 Shapes follow mamba-ssm: x [b, l, h, p], dt [b, l, h], A [h], B/C [b, l, g, n] with h % g == 0
 (head i reads group i // (h // g)), D [h] or [h, p], z [b, l, h, p], seq_idx [b, l] int32,
@@ -367,7 +367,7 @@ def causal_conv1d_step_ref(conv_state, x, weight, bias=None, activation=None):
 
 
 def causal_conv1d(x, weight, bias=None, seq_idx=None, initial_state=None, activation=None):
-    """`causal_conv1d_ref`'s contract. With THINKFAST_CONV=triton on CUDA: `conv_kernels.causal_conv1d` (one pass,
+    """`causal_conv1d_ref`'s contract. On CUDA (THINKFAST_CONV=auto or triton): `conv_kernels.causal_conv1d` (one pass,
     autograd); the reference otherwise, and always for a cache continuation (`initial_state`, HF generate)."""
     from . import conv_kernels
 
