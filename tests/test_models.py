@@ -762,3 +762,24 @@ def test_mamba_triton_loader_skips_the_package_init_and_caches_autotuning(tmp_pa
         out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.strip().splitlines()[-1] == expected
+
+
+def test_aligned_linear_equals_linear_values_and_grads():
+    """The in_proj GEMM with its output rows padded to a multiple of 64 (odd widths like Llamba's 2313 send cuBLAS
+    to align-1 kernels) returns linear(x) and the same x / weight / bias gradients."""
+    from harness_ext.models.runtime import aligned_linear
+    gen = torch.Generator().manual_seed(0)
+    for bias in (True, False):
+        linear = torch.nn.Linear(24, 77, bias=bias)
+        x = torch.randn(3, 5, 24, generator=gen, requires_grad=True)
+        out = aligned_linear(x, linear)
+        assert out.shape == (3, 5, 77)
+        grad = torch.randn(out.shape, generator=gen)
+        got = torch.autograd.grad(out, [x, *linear.parameters()], grad)
+        ref_out = linear(x)
+        want = torch.autograd.grad(ref_out, [x, *linear.parameters()], grad)
+        torch.testing.assert_close(out, ref_out)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+    square = torch.nn.Linear(8, 64)
+    assert aligned_linear(torch.ones(2, 8), square).shape == (2, 64)   # already aligned: the plain call
