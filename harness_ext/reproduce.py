@@ -880,7 +880,8 @@ H100_ESTIMATES = {
     "distill_setup_s": 55,         # measured (MIL): data, tokenization, decontamination, held-out eval before/after
     "distill_stage_s": 80,         # measured (MIL): regional torch.compile 94 s / 63 s incl. the probe step
     "tokens_per_s": {              # distillation trainer throughput by (recipe, stage)
-        ("mambainllama", "kd"): 103_700,  # measured: 50M tokens in 8:11 (reverse KL, chunked, compiled, micro 16)
+        ("mambainllama", "kd"): 103_700,  # measured: 50M tokens in 8:11 (reverse KL, chunked, compiled, micro 16);
+                                          # 124k in scripts/bench_distill.py after the padded in_proj (57465fe)
         ("llamba", "kd"): 107_500,        # measured (57465fe: Triton conv, padded in_proj): 16M tokens (56.7k before)
         ("llamba", "hidden"): 87_500,     # measured (57465fe): 6M tokens (56.0k before)
         ("llamba", "matrix"): 35_300,     # measured: 2M tokens (eager attention, L x L mixing matrices at seq 512)

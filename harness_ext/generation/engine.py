@@ -17,7 +17,8 @@ How it runs (see DESIGN.md "Model runtime API" for the model side):
   Prefill is not captured: prompts have arbitrary lengths.
 * The host looks at the batch only every `sync_every` steps: it collects finished samples (a slot
   that stopped keeps decoding garbage until then; those tokens are never recorded), checks stop
-  strings on newly decoded text, and refills free slots with pending samples.
+  strings on newly decoded text, and refills free slots with pending samples. The finished samples' text is
+  made after the next steps are launched, while the GPU runs them (`finish_s`).
 * Each distinct prompt is prefilled once; `state.copy_slots` forks it into its `n` samples
   (directly from the first sample's slot, or from a template slot when they arrive over time).
 * A prefill call is not captured and costs tens of ms of launches whatever its size, so calls are
@@ -482,7 +483,7 @@ class Engine:
         params = self._special_stop_strings(params or SamplingParams())
         prompt_ids = self._validate(prompts, params, n)
         t_start = time.perf_counter()
-        self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "host_s": 0.0,
+        self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "host_s": 0.0, "finish_s": 0.0,
                       "prefill_calls": 0, "prefilled_prompts": 0, "prefill_tokens": 0,
                       "fork_s": 0.0, "fork_calls": 0, "forked_slots": 0}
         num_samples = len(prompt_ids) * n
@@ -507,6 +508,7 @@ class Engine:
             bar = tqdm(total=num_samples, desc="generate", unit="sample")
         generated = 0
         b_cur = 0
+        unfinished: list[tuple[int, int, list[int]]] = []  # (prompt, sample, tokens) collected, text not made yet
 
         while True:
             t_host = time.perf_counter()
@@ -523,11 +525,8 @@ class Engine:
                     rows = buf.out[torch.tensor(finished, device=self.device)].cpu().tolist()
                     for s, row in zip(finished, rows):
                         i, j = slot_sample[s]
-                        outs[i][j] = self._finish(row[: counts[s]], stop_id_set, params)
-                        generated += outs[i][j].num_tokens
+                        unfinished.append((i, j, row[: counts[s]]))
                         slot_sample[s] = None
-                    if bar is not None:
-                        bar.update(len(finished))
             # 2. refill free slots with pending samples
             free = [s for s in range(slots) if slot_sample[s] is None]
             if free and (sched.pending or sched.queue):
@@ -535,6 +534,7 @@ class Engine:
                              slot_sample, checked, slot_count, slot_budget, greedy, key)
             active = [s for s in range(slots) if slot_sample[s] is not None]
             if not active:
+                generated += self._finish_all(unfinished, outs, stop_id_set, params, bar)
                 break
             # 3. shrink to a smaller bucket when the tail of a run no longer fills this one
             b_need = next(b for b in self.buckets if b >= len(active))
@@ -553,9 +553,17 @@ class Engine:
             steps = max(1, min(self.sync_every, max(slot_budget[s] - slot_count[s] for s in active)))
             t0 = time.perf_counter()
             self._run_steps(b_cur, key, steps)
+            t_launched = time.perf_counter()
+            # the steps run on the GPU (graph replays return at once) while the host turns the samples finished at
+            # this look into text: ~70 tokenizer decodes per look at 1024 slots, serialised with the GPU before
+            generated += self._finish_all(unfinished, outs, stop_id_set, params, bar)
+            t_finished = time.perf_counter()
+            self.stats["finish_s"] += t_finished - t_launched
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
-            self.stats["decode_s"] += time.perf_counter() - t0
+                self.stats["decode_s"] += time.perf_counter() - t0       # the decode window, text-making inside it
+            else:
+                self.stats["decode_s"] += t_launched - t0                 # CPU: the steps ran before the text
             self.stats["decode_steps"] += steps
         if bar is not None:
             bar.close()
@@ -721,6 +729,17 @@ class Engine:
                 done[s] = True
         if hits:
             self._buf.done[torch.tensor(hits, device=self.device)] = True
+
+    def _finish_all(self, unfinished, outs, stop_ids: set, params: SamplingParams, bar) -> int:
+        """Make the Completions of the collected samples (emptying `unfinished`); returns their token count."""
+        tokens = 0
+        for i, j, row in unfinished:
+            outs[i][j] = self._finish(row, stop_ids, params)
+            tokens += outs[i][j].num_tokens
+        if bar is not None and unfinished:
+            bar.update(len(unfinished))
+        unfinished.clear()
+        return tokens
 
     def _finish(self, tokens: list[int], stop_ids: set, params: SamplingParams) -> Completion:
         reason = "length"
