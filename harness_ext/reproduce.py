@@ -357,7 +357,7 @@ class Reproduction:
             state = {"ssm_state_dtype": b.ssm_state_dtype} if b.ssm_state_dtype else {}
             return {**base, "student": self.identity(self.upstream(stage, student.stage)), **tasks, **state}
         if stage == "bench":
-            return {**base, **teacher_id, "args": list(b.bench_args), "device": self.device}
+            return {**base, **teacher_id, "args": self.bench_args(), "device": self.device}
         if stage == "leaderboard":
             bench = self.valid_stamp("bench")
             return {**base, "evals": [self.identity(self.upstream(stage, s)) for s in DEPENDS["leaderboard"]],
@@ -721,9 +721,18 @@ class Reproduction:
     def stage_eval_llamba(self, folder: Path):
         return self._eval("eval-llamba", folder)
 
+    def bench_args(self) -> list[str]:
+        """The budget's bench arguments; when the students evaluate with a bf16 SSM state, their `-bf16-state` rows
+        too, so that the leaderboard rows of those evaluations (named `<model>-bf16-state`) have throughput."""
+        args = list(self.budget.bench_args)
+        if self.budget.ssm_state_dtype:
+            from harness_ext.generation.bench import EXTRA_ROWS, ROWS
+            args += ["--rows", ",".join(ROWS + EXTRA_ROWS)]
+        return args
+
     def stage_bench(self, folder: Path):
         out = (folder / "out").resolve()
-        args = list(self.budget.bench_args)
+        args = self.bench_args()
         if self.teacher_spec != DEFAULT_TEACHER:  # the default: SmolLM2-135M's built-in config (speed needs no weights)
             if "--layers" in args:  # --layers only shrinks the built-in config
                 del args[args.index("--layers"):args.index("--layers") + 2]

@@ -304,6 +304,9 @@ def test_default_prm_is_recorded_not_trained(tmp_path):
     cmd = state.lm_eval_cmd("llamba", Path("/c"), "gsm8k500_bon", "default", tmp_path, ssm_state_dtype="bfloat16")
     assert cmd[cmd.index("--model_args") + 1] == "pretrained=/c,ssm_state_dtype=bfloat16"
     assert cmd[cmd.index("--model") + 1] == "llamba"
+    # ... and the bench measures the bf16-state rows those evaluations' leaderboard rows read
+    assert state.bench_args() == ["--rows", "hf-generate,teacher,mil50,llamba,mil50-bf16-state,llamba-bf16-state"]
+    assert fast.bench_args() == [] and state.inputs("bench")["args"] != fast.inputs("bench")["args"]
 
 
 # ----------------------------------------------------------------------------- the smoke reproduction
