@@ -306,7 +306,7 @@ def test_default_prm_is_recorded_not_trained(tmp_path):
     assert cmd[cmd.index("--model") + 1] == "llamba"
     # ... and the bench measures the bf16-state rows those evaluations' leaderboard rows read
     assert state.bench_args() == ["--rows", "hf-generate,teacher,mil50,llamba,mil50-bf16-state,llamba-bf16-state"]
-    assert fast.bench_args() == [] and state.inputs("bench")["args"] != fast.inputs("bench")["args"]
+    assert fast.bench_args() == []
 
 
 # ----------------------------------------------------------------------------- the smoke reproduction
