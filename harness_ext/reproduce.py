@@ -123,16 +123,12 @@ class Budget:
     max_gen_toks: int | None = None      # every task; None: task_max_gen_toks, else the task YAML's (GSM8K 400, MATH 1024)
     task_max_gen_toks: tuple[tuple[str, int], ...] = ()   # (task, max new tokens) overrides
     distill_tokens: int | None = None    # per active distillation stage of both recipes; None: the recipe's
-    distill_stage_tokens: tuple[tuple[str, str, int], ...] = ()   # (recipe, stage, tokens) overrides
     bench_args: tuple[str, ...] = ()
     leaderboard_args: tuple[str, ...] = ()
     ssm_state_dtype: str | None = None   # "bfloat16": the students' SSM state while generating; None: the checkpoint's
 
     def gen_toks(self, task: str) -> int | None:
         return self.max_gen_toks or dict(self.task_max_gen_toks).get(task)
-
-    def stage_tokens(self, recipe: str, stage: str) -> int | None:
-        return next((t for r, s, t in self.distill_stage_tokens if (r, s) == (recipe, stage)), self.distill_tokens)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -147,9 +143,7 @@ FULL = Budget()
 # fast: the paper's protocol except one budget, chosen with `thinkfast reproduce --plan --gpus 4 --budget fast` so
 # that the whole run fits one 30-minute H100 lease (< 25 min) on 4 GPUs: MATH-500 completions are capped at 512 new
 # tokens instead of the task's 1024 (GSM8K keeps 400), recorded in every stamp and in thinkfast_meta.json. N stays
-# 64, every problem is evaluated, and both students get their recipes' full distillation budgets (Llamba's recipe
-# was 60M MOHAWK tokens until 2026-11-27, when fast cut it to 2M / 6M / 16M; from the calibrated init that reached
-# the same agreement, and the recipe is now 6M / 16M without stage 1).
+# 64, every problem is evaluated, and both students distil with their recipes' budgets.
 FAST = Budget(name="fast", task_max_gen_toks=(("math500_bon", 512),))
 SMOKE = Budget(name="smoke", n=4, limit=2, max_gen_toks=24, distill_tokens=256,
                bench_args=("--batches", "1,2", "--prompt-len", "16", "--gen-len", "8", "--layers", "2"),
@@ -344,8 +338,9 @@ class Reproduction:
             return {**base, **teacher_id, "args": self.prm_args(Path("OUT"))}
         if stage in ("distill-mil", "distill-llamba"):
             student = self.student(stage)
+            # the recipe's content too: editing a recipe's defaults must re-run the stage, as changing its args does
             return {**base, **teacher_id, "init": self.identity(self.upstream(stage, "init")),
-                    "args": self.distill_args(student, Path("OUT"))}
+                    "args": self.distill_args(student, Path("OUT")), "recipe": self.distill_recipe(student)}
 
         if stage.startswith("eval-"):
             tasks = {"tasks": list(TASKS), "n": b.n, "temperature": b.temperature, "limit": b.limit,
@@ -398,14 +393,17 @@ class Reproduction:
                 args.append(f"stages.{name}.max_tokens={tokens}")
         return args
 
-    def distill_stage_budgets(self, student: Student) -> dict[str, tuple[int, int | None]]:
-        """Active distillation stages of the student's recipe -> (the recipe's tokens, the budget's override)."""
+    def distill_recipe(self, student: Student) -> dict:
+        """The student's recipe as this run's `thinkfast distill` reads it (with its smoke section under --smoke)."""
         from distill.cli import load_recipe, merge
 
         recipe = load_recipe(student.recipe)
-        if self.smoke:
-            recipe = merge(recipe, recipe.get("smoke", {}))
-        return {name: (int(float(cfg["max_tokens"])), self.budget.stage_tokens(student.recipe, name))
+        return merge(recipe, recipe.get("smoke", {})) if self.smoke else recipe
+
+    def distill_stage_budgets(self, student: Student) -> dict[str, tuple[int, int | None]]:
+        """Active distillation stages of the student's recipe -> (the recipe's tokens, the budget's override)."""
+        recipe = self.distill_recipe(student)
+        return {name: (int(float(cfg["max_tokens"])), self.budget.distill_tokens)
                 for name, cfg in recipe["stages"].items() if float((cfg or {}).get("max_tokens", 0)) > 0}
 
     def prm_args(self, out: Path) -> list[str]:

@@ -415,6 +415,27 @@ def test_bf16_state_reaches_the_student_evaluations_only(smoke_run, monkeypatch)
     assert model_args["eval-llamba"].endswith(",ssm_state_dtype=bfloat16")
 
 
+def test_editing_a_recipe_rekeys_its_distill_stage(smoke_run, monkeypatch):
+    """A recipe's defaults are part of its distill stage's key (no budget override passes them as arguments): a
+    changed default re-runs that stage and what depends on it, not the other student's."""
+    workdir, _ = smoke_run
+    repro = R.Reproduction(workdir, R.DEFAULT_TEACHER, R.SMOKE, smoke=True, device="cpu", prm="default")
+    before = {stage: repro.key(stage) for stage in ("distill-mil", "distill-llamba")}
+    assert repro.valid_stamp("distill-mil") is not None
+    import distill.cli
+
+    real = distill.cli.load_recipe
+
+    def edited(name):
+        recipe = real(name)
+        if name == "mambainllama":
+            recipe["stages"]["kd"]["temperature"] = 2.0      # a default the smoke section leaves alone
+        return recipe
+    monkeypatch.setattr(distill.cli, "load_recipe", edited)
+    assert repro.key("distill-mil") != before["distill-mil"] and repro.valid_stamp("distill-mil") is None
+    assert repro.key("distill-llamba") == before["distill-llamba"]
+
+
 @pytest.mark.slow
 def test_second_invocation_skips_every_stage_and_changes_nothing(smoke_run):
     workdir, _ = smoke_run
