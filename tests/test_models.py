@@ -783,3 +783,26 @@ def test_aligned_linear_equals_linear_values_and_grads():
             torch.testing.assert_close(g, w)
     square = torch.nn.Linear(8, 64)
     assert aligned_linear(torch.ones(2, 8), square).shape == (2, 64)   # already aligned: the plain call
+
+
+def test_scan_takes_fp32_inputs_under_autocast(model):
+    """Under bf16 autocast (how `distill` trains) a mixer's scan runs on fp32 x/B/C/dt with autocast off, so the
+    reference's einsums stay fp32; y comes back in the incoming dtype. Without autocast the inputs pass as they are."""
+    from harness_ext.models import ssd
+    from harness_ext.models.runtime import ForwardContext
+    mixer = next(m for m in model.modules() if hasattr(m, "_scan_full_in"))
+    gen = torch.Generator().manual_seed(3)
+    b, l, h, p, n = 2, 19, mixer.nheads, mixer.headdim, mixer.d_state
+    groups = getattr(mixer, "n_qk_heads", h)
+    x = torch.randn(b, l, h, p, generator=gen).bfloat16()
+    dt = torch.rand(b, l, h, generator=gen).bfloat16() + 0.1
+    B, C = (torch.randn(b, l, groups, n, generator=gen).bfloat16() for _ in range(2))
+    A = -torch.rand(h, generator=gen) - 0.5
+    ctx = ForwardContext(mode="full")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, state = mixer._scan_full(x, dt, A, B, C, ctx)
+    want = ssd.ssd_scan_ref(x.float(), dt.float(), A, B.float(), C.float(), chunk_size=mixer.chunk_size)
+    assert state is None and y.dtype == torch.bfloat16
+    assert torch.equal(y, want.bfloat16())
+    plain, _ = mixer._scan_full(x, dt, A, B, C, ctx)
+    assert torch.equal(plain, ssd.ssd_scan_ref(x, dt, A, B, C, chunk_size=mixer.chunk_size))

@@ -542,6 +542,17 @@ class SSMMixerBase(nn.Module):
 
     def _scan_full(self, x, dt, A, B, C, ctx: ForwardContext, **kw):
         """SSD scan over a whole sequence; returns (y, ssm_state to keep or None)."""
+        device_type = x.device.type
+        if not torch.is_autocast_enabled(device_type):
+            return self._scan_full_in(x, dt, A, B, C, ctx, **kw)
+        # Mixed-precision training: A's gradient sums dA over every token with heavy cancellation, and with bf16
+        # x/B/C (and autocast's bf16 einsums in the reference) both paths sat 3-4e-2 from fp32 on a Llamba layer
+        # (GPU check). So the scan takes fp32 inputs here: tf32 dots in the Triton kernel, true fp32 in the reference.
+        with torch.autocast(device_type, enabled=False):
+            y, state = self._scan_full_in(x.float(), dt.float(), A, B.float(), C.float(), ctx, **kw)
+        return y.to(x.dtype), state
+
+    def _scan_full_in(self, x, dt, A, B, C, ctx: ForwardContext, **kw):
         layer = ctx.cache.layers[self.layer_idx] if ctx.cache is not None else None
         if ctx.mode == "prefill":
             y, _, states = ssd.ssd_scan(x, dt, A, B, C, seq_idx=ctx.seq_idx, cu_seqlens=ctx.cu_seqlens,
