@@ -70,8 +70,11 @@ wall_clock_seconds / num_samples from the sidecar, or, without a measured time, 
 Generating k samples for a problem then costs k x seconds-per-sample (time per problem, amortised over the
 batch). Coverage is pass@k, accuracy is weighted_bon@k (and maj@k). `headline()` answers the paper's
 claim: at the largest equal budget measured, min(teacher's largest time, largest time of any student),
-each model scores its best measured point within that budget (no interpolation, so a student that stops
-short is under-, never over-estimated); does any student beat the teacher on coverage and on accuracy?
+each model is scored at that budget: a model whose curve ends there scores its last point; one whose curve
+goes past it scores the budget's place between its two measured k around it, linear in log k (k is measured
+at powers of two, so without this a model 2% slower than the budget would drop from k = 64 to k = 32; coverage
+is convex in log k at these rates, so the interpolation errs towards the model that goes past). Does any
+student beat the teacher on coverage and on accuracy?
 """
 from __future__ import annotations
 
@@ -159,7 +162,7 @@ class BenchRow:
 
 @dataclass
 class BudgetPoint:
-    k: int
+    k: float          # a measured k, or fractional where read between two of them (point_at_budget)
     seconds: float
     coverage: float | None
     maj: float | None
@@ -170,12 +173,13 @@ class BudgetPoint:
 class HeadlineRow:
     model: str
     role: str
-    k: int | None
+    k: float | None               # fractional where interpolated
     seconds: float | None
     coverage: float | None
     accuracy: float | None
     beats_coverage: bool | None  # None: not comparable (n/a on either side); teacher row: None
     beats_accuracy: bool | None
+    interpolated: bool = False
 
 
 @dataclass
@@ -529,14 +533,27 @@ def budget_curve(model: ModelEntry, task: str, bench: list[BenchRow]) -> list[Bu
             for k in result.ks() if result.get("pass", k) is not None]
 
 
-def best_within(curve: list[BudgetPoint], budget: float, metric: str) -> tuple[BudgetPoint | None, float | None]:
-    """The largest-k point within `budget` seconds (metrics grow with k; no interpolation)."""
+def point_at_budget(curve: list[BudgetPoint], budget: float) -> tuple[BudgetPoint | None, bool]:
+    """The curve read at `budget` seconds: the last measured point when the curve ends within the budget, else the
+    budget's place between the measured points around it, linear in log k (seconds are proportional to k).
+    Returns (point, interpolated); (None, False) when even k = 1 costs more than the budget."""
     # tolerance: the budget is itself some model's measured point, so compare with a relative slack
     inside = [p for p in curve if p.seconds <= budget * (1 + 1e-9)]
     if not inside:
-        return None, None
-    point = max(inside, key=lambda p: p.k)
-    return point, getattr(point, metric)
+        return None, False
+    below = max(inside, key=lambda p: p.k)
+    above = [p for p in curve if p.k > below.k]
+    if not above or below.seconds >= budget:
+        return below, False
+    after = min(above, key=lambda p: p.k)
+    frac = math.log(budget / below.seconds) / math.log(after.seconds / below.seconds)
+
+    def lerp(a, b):
+        return None if a is None or b is None else a + frac * (b - a)
+
+    k = below.k * budget / below.seconds
+    return BudgetPoint(k, budget, lerp(below.coverage, after.coverage), lerp(below.maj, after.maj),
+                       lerp(below.weighted_bon, after.weighted_bon)), True
 
 
 def headline(models: list[ModelEntry], task: str, bench: list[BenchRow] | None = None) -> Headline:
@@ -558,19 +575,19 @@ def headline(models: list[ModelEntry], task: str, bench: list[BenchRow] | None =
         return Headline(task, teacher.name, None, [], None, "no student has a generation time (sidecar or bench)")
     budget = min(max(p.seconds for p in curves[teacher.name]),
                  max(max(p.seconds for p in curves[s.name]) for s in timed))
-    t_point, t_cov = best_within(curves[teacher.name], budget, "coverage")
-    t_acc = t_point.weighted_bon if t_point else None
+    t_point, t_interp = point_at_budget(curves[teacher.name], budget)
+    t_cov, t_acc = (t_point.coverage, t_point.weighted_bon) if t_point else (None, None)
     rows = [HeadlineRow(teacher.name, "teacher", t_point and t_point.k, t_point and t_point.seconds,
-                        t_cov, t_acc, None, None)]
+                        t_cov, t_acc, None, None, t_interp)]
 
     def beats(mine, theirs):
         return None if mine is None or theirs is None else mine > theirs
 
     for s in timed:
-        point, cov = best_within(curves[s.name], budget, "coverage")
-        acc = point.weighted_bon if point else None
+        point, interp = point_at_budget(curves[s.name], budget)
+        cov, acc = (point.coverage, point.weighted_bon) if point else (None, None)
         rows.append(HeadlineRow(s.name, "student", point and point.k, point and point.seconds,
-                                cov, acc, beats(cov, t_cov), beats(acc, t_acc)))
+                                cov, acc, beats(cov, t_cov), beats(acc, t_acc), interp))
     winners = [r.model for r in rows[1:] if r.beats_coverage and r.beats_accuracy]
     # a student with an n/a side is undecided only if the side that is known does not already lose
     undecided = [r.model for r in rows[1:] if None in (r.beats_coverage, r.beats_accuracy)
@@ -669,7 +686,10 @@ def headline_table(h: Headline) -> tuple[list[str], list[list[str]]]:
     yes_no = {True: "yes", False: "no", None: NA}
     header = ["Model", "Role", "k within budget", "s / problem", "coverage (pass@k)", "weighted_bon@k",
               "beats teacher: coverage", "beats teacher: accuracy"]
-    rows = [[r.model, r.role, NA if r.k is None else str(r.k), fmt_seconds(r.seconds), fmt_pct(r.coverage),
+    def fmt_k(r: HeadlineRow) -> str:
+        return NA if r.k is None else f"{r.k:.1f} (log-k interpolated)" if r.interpolated else f"{r.k:g}"
+
+    rows = [[r.model, r.role, fmt_k(r), fmt_seconds(r.seconds), fmt_pct(r.coverage),
              fmt_pct(r.accuracy), "—" if r.role == "teacher" else yes_no[r.beats_coverage],
              "—" if r.role == "teacher" else yes_no[r.beats_accuracy]] for r in h.rows]
     return header, rows
@@ -874,7 +894,8 @@ def build(results_dirs: list[str | Path], out_dir: str | Path, bench_path: str |
                            for task, r in sorted(m.tasks.items())} for m in models},
         "headline": {task: {"teacher": h.teacher, "budget_seconds": round6(h.budget_seconds), "answer": h.answer,
                             "reason": h.reason,
-                            "rows": [{"model": r.model, "role": r.role, "k": r.k, "seconds": round6(r.seconds),
+                            "rows": [{"model": r.model, "role": r.role, "k": round6(r.k), "seconds": round6(r.seconds),
+                                      "interpolated": r.interpolated,
                                       "coverage": round6(r.coverage), "weighted_bon": round6(r.accuracy),
                                       "beats_coverage": r.beats_coverage, "beats_accuracy": r.beats_accuracy}
                                      for r in h.rows]} for task, h in heads.items()},

@@ -318,3 +318,24 @@ def test_reduced_protocol_is_named_next_to_the_model(tmp_path):
     records = json.loads((out / "leaderboard.json").read_text())["models"]
     protocols = {r["model"]: r["protocol"] for r in records}
     assert protocols[meta["model"]] == "fast" and {protocols[n] for n in protocols if n != meta["model"]} == {"full"}
+
+
+def test_headline_reads_a_curve_that_goes_past_the_budget_between_its_measured_k():
+    # The teacher is 2% slower than the student; both drew N = 64. The budget is the student's 64 samples, which
+    # buys the teacher 62.7: scored between its k = 32 and k = 64 (linear in log k), not dropped to k = 32.
+    coverage = lambda k: 0.1 * math.log2(k)                                  # noqa: E731
+    teacher = make_model("teacher", "teacher", 1.02, 64, coverage, lambda k: 0.01 * k)
+    student = make_model("student", "student", 1.00, 64, lambda k: coverage(k) - 0.001, lambda k: 0.02 * k)
+    h = lb.headline([teacher, student], "math500_bon")
+    t_row, s_row = h.rows
+    assert h.budget_seconds == pytest.approx(64.0)
+    assert t_row.interpolated and not s_row.interpolated and s_row.k == 64
+    assert t_row.k == pytest.approx(64 / 1.02) and t_row.seconds == pytest.approx(64.0)
+    assert t_row.coverage == pytest.approx(coverage(64 / 1.02))           # exact for a curve linear in log k
+    assert t_row.accuracy == pytest.approx(0.32 + (0.64 - 0.32) * math.log2(2 / 1.02))
+    # the student is 0.001 below the teacher at equal k, and 0.1 * log2(1.02) = 0.0029 above it at equal time
+    assert s_row.beats_coverage is True and s_row.beats_accuracy is True and h.answer is True
+    slower = make_model("student", "student", 1.00, 64, lambda k: coverage(k) - 0.004, lambda k: 0.02 * k)
+    assert lb.headline([teacher, slower], "math500_bon").answer is False
+    headers, rows = lb.headline_table(h)
+    assert rows[0][2] == "62.7 (log-k interpolated)" and rows[1][2] == "64"
