@@ -141,6 +141,20 @@ def test_signature_shortcut_agrees_with_math_verify():
         assert is_equiv(a, b) == plain, (a, b)
 
 
+def test_equation_signatures_agree_with_math_verify():
+    # Equations pass `verify` only with one set of free symbols, and with one left-hand side free of the right-hand
+    # side's symbols only where the right-hand sides may be equal; "x = 2x - 3" still meets "x = 3" (flipped check).
+    from harness_ext.scoring.answers import _parse, _verify
+
+    pool = ["x=3", "x=2x-3", "2x=4", "x=2", "y=2", "x=y", "x=2y", "a=b+1=5", "a=5", "x+y=3", "y+x=3", "a+b+c=7",
+            "a+b+c=12", "a+b+c=a+b", "1+1=2", "1+1=3", "1+1=1", "\\sin A=1", "\\tan A=1", "2", "3", "\\frac{6}{2}"]
+    for a, b in itertools.combinations(pool, 2):
+        na, nb = normalize_answer(a), normalize_answer(b)
+        pa, pb = _parse(na), _parse(nb)
+        plain = bool(pa and pb and (_verify(pa, pb, 5) or _verify(pb, pa, 5)))
+        assert is_equiv(a, b) == plain, (a, b)
+
+
 def test_group_answers():
     answers = ["1/2", "0.5", None, "3", "\\frac{1}{2}", "3.0", "7"]
     assert group_answers(answers) == [0, 0, None, 1, 0, 1, 2]

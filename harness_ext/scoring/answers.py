@@ -267,12 +267,32 @@ def _value_signature(expr, timeout_s: float) -> tuple:
     return ("number", round(value.real, 6) + 0.0, round(value.imag, 6) + 0.0)
 
 
+def _equation_key(expr, timeout_s: float) -> tuple | None:
+    """What math-verify compares an equation (or chain) by: its free symbols, and for a single equation whose
+    right-hand side holds none of its left-hand side's symbols, that side and the right-hand side's signature (two
+    such equations with one left-hand side are equal only if their right-hand sides are). An assignment chain "a = b + 1 = 5" is cut to "a = 5"
+    first, as math-verify does. None where its helpers are missing (then `verify` decides)."""
+    try:
+        from math_verify.grader import is_assignment_relation, take_first_relation, take_last_relation
+    except ImportError:
+        return None
+    import sympy
+
+    if is_assignment_relation(expr):
+        expr = sympy.Eq(take_first_relation(expr).lhs, take_last_relation(expr).rhs, evaluate=False)
+    symbols = tuple(sorted(sym.name for sym in expr.free_symbols))
+    if not isinstance(expr, sympy.Equality) or not expr.lhs.free_symbols \
+            or expr.lhs.free_symbols & expr.rhs.free_symbols:
+        return symbols, None, None   # "x = 2x - 3" equals "x = 3" (math-verify's flipped and `solve` checks)
+    return symbols, sympy.srepr(expr.lhs), _value_signature(expr.rhs, timeout_s)
+
+
 @functools.lru_cache(maxsize=65536)
 def _signature(normalized: str, timeout_s: float = TIMEOUT_S) -> tuple:
     """A cheap description of a parsed answer that rules out most unequal pairs without `verify`:
-    ("number", ...) / ("expr", ...) (see `_value_signature`); ("eq", right-hand sides) for an equation or a chain
-    of them (math-verify compares an equation with a non-equation through its right-hand side); ("set", elements)
-    for a finite set; ("interval",) for an interval or a union holding one; ("text", text) when math-verify kept
+    ("number", ...) / ("expr", ...) (see `_value_signature`); ("eq", right-hand sides, `_equation_key`) for an
+    equation or a chain of them (math-verify compares an equation with a non-equation through its
+    right-hand side); ("set", elements) for a finite set; ("interval",) for an interval or a union holding one; ("text", text) when math-verify kept
     only the text; ("other",) for inequalities, matrices, tuples...; ("unparsed",) when math-verify finds nothing."""
     if _PLAIN_NUMBER.fullmatch(normalized):  # most votes (GSM8K's all): no sympy needed
         return ("number", round(float(normalized), 6) + 0.0, 0.0)
@@ -287,9 +307,9 @@ def _signature(normalized: str, timeout_s: float = TIMEOUT_S) -> tuple:
     if isinstance(expr, str):
         return ("text", expr.strip().lower())
     if isinstance(expr, sympy.Equality):
-        return ("eq", (_value_signature(expr.rhs, timeout_s),))
+        return ("eq", (_value_signature(expr.rhs, timeout_s),), _equation_key(expr, timeout_s))
     if isinstance(expr, sympy.And) and expr.args and all(isinstance(a, sympy.Equality) for a in expr.args):
-        return ("eq", tuple(_value_signature(a.rhs, timeout_s) for a in expr.args))
+        return ("eq", tuple(_value_signature(a.rhs, timeout_s) for a in expr.args), _equation_key(expr, timeout_s))
     if isinstance(expr, sympy.FiniteSet):
         return ("set", tuple(_value_signature(e, timeout_s) for e in expr.args))
     if isinstance(expr, sympy.Interval) or (isinstance(expr, sympy.Union)
@@ -310,7 +330,16 @@ def _may_be_equal(sa: tuple, sb: tuple) -> bool:
         return sa == sb
     if sa[0] == "eq" or sb[0] == "eq":
         if sa[0] == sb[0]:
-            return True  # equation against equation: math-verify's relational comparison decides
+            # Equation against equation: math-verify (strict, no renaming) equates them when lhs - rhs agree up to
+            # sign or when `solve` gives the same solutions keyed by the same symbols; both need one set of free
+            # symbols (and see `_equation_key` for one left-hand side). Its `solve` on two
+            # small-model equations is where its 5 s time-outs came from (MATH-500).
+            if sa[2] is None or sb[2] is None:
+                return True
+            (symbols_a, lhs_a, rhs_a), (symbols_b, lhs_b, rhs_b) = sa[2], sb[2]
+            if symbols_a != symbols_b:
+                return False
+            return lhs_a is None or lhs_a != lhs_b or _may_be_equal(rhs_a, rhs_b)
         equation, other = (sa, sb) if sa[0] == "eq" else (sb, sa)
         return any(_may_be_equal(rhs, other) for rhs in equation[1])
     if "interval" in kinds:
