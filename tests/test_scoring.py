@@ -141,13 +141,15 @@ def test_signature_shortcut_agrees_with_math_verify():
         assert is_equiv(a, b) == plain, (a, b)
 
 
-def test_equation_signatures_agree_with_math_verify():
-    # Equations pass `verify` only with one set of free symbols, and with one left-hand side free of the right-hand
-    # side's symbols only where the right-hand sides may be equal; "x = 2x - 3" still meets "x = 3" (flipped check).
+def test_equation_and_huge_number_signatures_agree_with_math_verify():
+    # Equations always reach `verify` (its `solve` calls two equations without solutions equal: "1+1=3" and
+    # "1+1=1"); numbers beyond a float are compared by leading digits and exponent.
     from harness_ext.scoring.answers import _parse, _verify
 
     pool = ["x=3", "x=2x-3", "2x=4", "x=2", "y=2", "x=y", "x=2y", "a=b+1=5", "a=5", "x+y=3", "y+x=3", "a+b+c=7",
-            "a+b+c=12", "a+b+c=a+b", "1+1=2", "1+1=3", "1+1=1", "\\sin A=1", "\\tan A=1", "2", "3", "\\frac{6}{2}"]
+            "a+b+c=12", "a+b+c=a+b", "1+1=2", "1+1=3", "1+1=1", "\\sin A=1", "\\tan A=1", "2", "3", "\\frac{6}{2}",
+            # numbers beyond a float: compared by leading digits and exponent
+            "2^{4000}", "4^{2000}", "3^{4000}", "\\{2^{4000}\\}"]
     for a, b in itertools.combinations(pool, 2):
         na, nb = normalize_answer(a), normalize_answer(b)
         pa, pb = _parse(na), _parse(nb)
@@ -308,3 +310,37 @@ def test_regrade_samples_script_keeps_prm_scores_and_applies_the_current_grader(
     samples.write_text(json.dumps({"doc": {"answer": "4"}, "resps": [completions]}) + "\n")
     with pytest.raises(ValueError, match="sample 1 is not a best-of-N record"):
         module.regrade(samples, "gsm8k")
+
+
+def test_an_answer_that_exhausts_verify_twice_is_not_sent_again(monkeypatch):
+    # "1^{(2^2^{2342714053620040})}" ran math-verify into its 5 s time-out against every other answer of a problem
+    # (2 x 19 calls, 190 s); after two timed-out pairs an answer no signature describes only equals its own text.
+    import collections
+    import time
+
+    import math_verify
+
+    from harness_ext.scoring import answers
+
+    calls = []
+
+    def slow_false(gold, target, timeout_seconds=5):
+        calls.append((gold, target))
+        time.sleep(0.3)
+        return False
+
+    monkeypatch.setattr(math_verify, "verify", slow_false)
+    monkeypatch.setattr(answers, "_VERIFY_TIMEOUTS", collections.Counter())
+    answers.is_equiv.cache_clear()
+    matrix = "\\begin{pmatrix}1&2\\end{pmatrix}"
+    others = ["\\begin{pmatrix}%d&2\\end{pmatrix}" % i for i in range(3, 7)]
+    assert answers._signature(answers.normalize_answer(matrix))[0] == "other"    # no shortcut: verify decides
+    assert not any(answers.is_equiv(matrix, other, 0.3) for other in others)
+    assert len(calls) == 4                      # both directions of the first two pairs; the rest skip verify
+    assert answers.is_equiv(matrix, matrix, 0.3)    # its own text still matches
+    # a plain number is never blamed: "2" keeps reaching verify however often its pairs time out
+    calls.clear()
+    for other in ("\\frac{4}{2}", "\\frac{6}{3}", "\\frac{8}{4}"):
+        answers.is_equiv("2", other, 0.3)
+    assert len(calls) == 6 and answers._VERIFY_TIMEOUTS["2"] == 0
+    answers.is_equiv.cache_clear()

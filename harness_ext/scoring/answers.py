@@ -21,6 +21,7 @@ and a timed-out comparison counts as "not equivalent".
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import math
@@ -28,6 +29,7 @@ import os
 import re
 import signal
 import threading
+import time
 from typing import Sequence
 
 TIMEOUT_S = 5
@@ -218,6 +220,11 @@ def _parse(answer: str, timeout_s: float = TIMEOUT_S) -> tuple:
     return tuple(_call_with_timeout(run, timeout_s, default=[]))
 
 
+# normalized equation or undescribed answer -> its pairs whose `verify` ran out of time, in this process
+_VERIFY_TIMEOUTS: collections.Counter = collections.Counter()
+MAX_VERIFY_TIMEOUTS = 2
+
+
 def _verify(gold: tuple, target: tuple, timeout_s: float) -> bool:
     from math_verify import verify
 
@@ -245,7 +252,8 @@ _PROBES = (0.5377, 1.8339, -2.2588, 0.8622, 0.3188, -1.3077, -0.4336, 0.3426)
 
 def _value_signature(expr, timeout_s: float) -> tuple:
     """("number", value rounded to 6 decimals) or ("expr", symbols, value at the probe point) for a sympy Expr;
-    ("other",) for anything else or what cannot be evaluated in time."""
+    ("huge", leading digits and exponent) for a number beyond a float; ("other",) for anything else or what cannot
+    be evaluated in time."""
     import sympy
 
     if not isinstance(expr, sympy.Expr) or isinstance(expr, sympy.MatrixBase):
@@ -254,12 +262,18 @@ def _value_signature(expr, timeout_s: float) -> tuple:
     probes = dict(zip(symbols, (_PROBES[i % len(_PROBES)] + 0.1 * (i // len(_PROBES)) for i in range(len(symbols)))))
 
     def compute():
-        return complex(expr.subs(probes).evalf(20) if symbols else expr.evalf(20))
+        value = expr.subs(probes).evalf(20) if symbols else expr.evalf(20)
+        number = complex(value)
+        if not (math.isfinite(number.real) and math.isfinite(number.imag)) and value.is_finite:
+            return str(sympy.N(value, 15))  # finite beyond a float ("4^161536161"): leading digits and exponent
+        return number
 
     def evaluate(seconds):  # evalf of e.g. 10^(10^10) can run for minutes: bounded like parse and verify
         return compute() if seconds is None else _under_alarm(compute, seconds)
 
     value = _call_with_timeout(evaluate, min(timeout_s, 1.0), default=None)
+    if isinstance(value, str):
+        return ("other",) if symbols else ("huge", value)
     if value is None or not (math.isfinite(value.real) and math.isfinite(value.imag)):
         return ("other",)  # what sympy cannot evaluate is left to verify
     if symbols:
@@ -267,33 +281,14 @@ def _value_signature(expr, timeout_s: float) -> tuple:
     return ("number", round(value.real, 6) + 0.0, round(value.imag, 6) + 0.0)
 
 
-def _equation_key(expr, timeout_s: float) -> tuple | None:
-    """What math-verify compares an equation (or chain) by: its free symbols, and for a single equation whose
-    right-hand side holds none of its left-hand side's symbols, that side and the right-hand side's signature (two
-    such equations with one left-hand side are equal only if their right-hand sides are). An assignment chain "a = b + 1 = 5" is cut to "a = 5"
-    first, as math-verify does. None where its helpers are missing (then `verify` decides)."""
-    try:
-        from math_verify.grader import is_assignment_relation, take_first_relation, take_last_relation
-    except ImportError:
-        return None
-    import sympy
-
-    if is_assignment_relation(expr):
-        expr = sympy.Eq(take_first_relation(expr).lhs, take_last_relation(expr).rhs, evaluate=False)
-    symbols = tuple(sorted(sym.name for sym in expr.free_symbols))
-    if not isinstance(expr, sympy.Equality) or not expr.lhs.free_symbols \
-            or expr.lhs.free_symbols & expr.rhs.free_symbols:
-        return symbols, None, None   # "x = 2x - 3" equals "x = 3" (math-verify's flipped and `solve` checks)
-    return symbols, sympy.srepr(expr.lhs), _value_signature(expr.rhs, timeout_s)
-
-
 @functools.lru_cache(maxsize=65536)
 def _signature(normalized: str, timeout_s: float = TIMEOUT_S) -> tuple:
     """A cheap description of a parsed answer that rules out most unequal pairs without `verify`:
-    ("number", ...) / ("expr", ...) (see `_value_signature`); ("eq", right-hand sides, `_equation_key`) for an
-    equation or a chain of them (math-verify compares an equation with a non-equation through its
-    right-hand side); ("set", elements) for a finite set; ("interval",) for an interval or a union holding one; ("text", text) when math-verify kept
-    only the text; ("other",) for inequalities, matrices, tuples...; ("unparsed",) when math-verify finds nothing."""
+    ("number", ...) / ("expr", ...) / ("huge", ...) (see `_value_signature`); ("eq", right-hand sides) for an
+    equation or a chain of them (math-verify compares an equation with a non-equation through its right-hand side);
+    ("set", elements) for a finite set; ("interval",) for an interval or a union holding one; ("text", text) when
+    math-verify kept only the text; ("other",) for inequalities, matrices, tuples...; ("unparsed",) when
+    math-verify finds nothing."""
     if _PLAIN_NUMBER.fullmatch(normalized):  # most votes (GSM8K's all): no sympy needed
         return ("number", round(float(normalized), 6) + 0.0, 0.0)
     if _is_prose(normalized):  # "4 eggs and 5 hens": math-verify reads a product of letters; only text matches
@@ -307,9 +302,9 @@ def _signature(normalized: str, timeout_s: float = TIMEOUT_S) -> tuple:
     if isinstance(expr, str):
         return ("text", expr.strip().lower())
     if isinstance(expr, sympy.Equality):
-        return ("eq", (_value_signature(expr.rhs, timeout_s),), _equation_key(expr, timeout_s))
+        return ("eq", (_value_signature(expr.rhs, timeout_s),))
     if isinstance(expr, sympy.And) and expr.args and all(isinstance(a, sympy.Equality) for a in expr.args):
-        return ("eq", tuple(_value_signature(a.rhs, timeout_s) for a in expr.args), _equation_key(expr, timeout_s))
+        return ("eq", tuple(_value_signature(a.rhs, timeout_s) for a in expr.args))
     if isinstance(expr, sympy.FiniteSet):
         return ("set", tuple(_value_signature(e, timeout_s) for e in expr.args))
     if isinstance(expr, sympy.Interval) or (isinstance(expr, sympy.Union)
@@ -330,16 +325,9 @@ def _may_be_equal(sa: tuple, sb: tuple) -> bool:
         return sa == sb
     if sa[0] == "eq" or sb[0] == "eq":
         if sa[0] == sb[0]:
-            # Equation against equation: math-verify (strict, no renaming) equates them when lhs - rhs agree up to
-            # sign or when `solve` gives the same solutions keyed by the same symbols; both need one set of free
-            # symbols (and see `_equation_key` for one left-hand side). Its `solve` on two
-            # small-model equations is where its 5 s time-outs came from (MATH-500).
-            if sa[2] is None or sb[2] is None:
-                return True
-            (symbols_a, lhs_a, rhs_a), (symbols_b, lhs_b, rhs_b) = sa[2], sb[2]
-            if symbols_a != symbols_b:
-                return False
-            return lhs_a is None or lhs_a != lhs_b or _may_be_equal(rhs_a, rhs_b)
+            # equation against equation: math-verify's relational comparison decides, and its `solve` calls any two
+            # equations without solutions equal ("9+1=10" and "N(N+1)=NN+N+1"), so no signature rules a pair out
+            return True
         equation, other = (sa, sb) if sa[0] == "eq" else (sb, sa)
         return any(_may_be_equal(rhs, other) for rhs in equation[1])
     if "interval" in kinds:
@@ -353,6 +341,10 @@ def _may_be_equal(sa: tuple, sb: tuple) -> bool:
         if other[0] == "other":
             return True  # tuples, intervals...: (1, 2) may equal {1, 2}
         return len(one[1]) == 1 and _may_be_equal(one[1][0], other)
+    if "huge" in kinds:
+        # beyond a float: equal only to a number with the same leading digits and exponent (math-verify's own
+        # comparison of two such powers runs into its time-out, or works out both exactly)
+        return sa == sb if sa[0] == sb[0] else "other" in kinds
     if sa[0] == sb[0] == "number":
         return sa[1:] == sb[1:]
     if sa[0] == sb[0] == "expr":
@@ -374,10 +366,22 @@ def is_equiv(a: str | None, b: str | None, timeout_s: float = TIMEOUT_S) -> bool
         return False
     if na == nb:
         return True
-    if not _may_be_equal(_signature(na, timeout_s), _signature(nb, timeout_s)):
+    sa, sb = _signature(na, timeout_s), _signature(nb, timeout_s)
+    if not _may_be_equal(sa, sb):
+        return False
+    # A time-out budget, not math-verify's verdict: an equation or an answer no signature describes (sympy could
+    # not evaluate it in a second, e.g. "1^{(2^2^{2342714053620040})}") whose pairs ran `verify` out of time twice
+    # is compared by its text from then on; each further pair cost 2 x 5 s for a time-out's False (math-verify's
+    # `solve` on small-model equations). Numbers and expressions are never blamed.
+    suspects = [n for n, s in ((na, sa), (nb, sb)) if s[0] in ("other", "eq")]
+    if any(_VERIFY_TIMEOUTS[n] >= MAX_VERIFY_TIMEOUTS for n in suspects):
         return False
     pa, pb = _parse(na, timeout_s), _parse(nb, timeout_s)
-    return _verify(pa, pb, timeout_s) or _verify(pb, pa, timeout_s)
+    start = time.monotonic()
+    verdict = _verify(pa, pb, timeout_s) or _verify(pb, pa, timeout_s)
+    if not verdict and time.monotonic() - start >= 0.95 * timeout_s:   # on the main thread math-verify's own
+        _VERIFY_TIMEOUTS.update(suspects)                                 # alarm answers False: time tells
+    return verdict
 
 
 def group_answers(answers: Sequence[str | None], timeout_s: float = TIMEOUT_S) -> list[int | None]:
