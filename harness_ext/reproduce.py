@@ -878,7 +878,8 @@ H100_ESTIMATES = {
     # measured: one H100 80GB HBM3, 2026-11-27, `thinkfast reproduce --budget fast` (leaderboards/README.md);
     # the second run (4 x H100, commit 14ac7b7) re-measured the stages it reached, the third (4 x H100, 6a5cae3,
     # every stage) the Llamba rates, sampling with the untimed warm-up and whole eval tasks (3:27-6:00); the fourth
-    # (4 x H100, 4e57ccb: teacher and calibrated Llamba) and a one-GPU Llamba distillation (57465fe) the rest
+    # (4 x H100, 4e57ccb: teacher and calibrated Llamba) and a one-GPU Llamba distillation (57465fe) the rest;
+    # the fifth (4 x H100, 5f4e6cd, every stage, bf16-state students) the MambaInLlama rate, sampling and bench
     "worker_start_s": 12,          # measured: a stage's subprocess importing torch / transformers (11-14 s)
     "teacher_s": 32,               # measured: GGUF -> HF conversion, once per machine (26 s, 32 s)
     "init_s": 30,                  # measured: two `thinkfast init` runs (41 s, 30 s)
@@ -887,19 +888,19 @@ H100_ESTIMATES = {
     "distill_setup_s": 55,         # measured (MIL): data, tokenization, decontamination, held-out eval before/after
     "distill_stage_s": 80,         # measured (MIL): regional torch.compile 94 s / 63 s incl. the probe step
     "tokens_per_s": {              # distillation trainer throughput by (recipe, stage)
-        ("mambainllama", "kd"): 103_700,  # measured: 50M tokens in 8:11 (reverse KL, chunked, compiled, micro 16);
-                                          # 124k in scripts/bench_distill.py after the padded in_proj (57465fe)
-        ("llamba", "kd"): 107_500,        # measured (57465fe: Triton conv, padded in_proj): 16M tokens (56.7k before)
-        ("llamba", "hidden"): 87_500,     # measured (57465fe): 6M tokens (56.0k before)
+        ("mambainllama", "kd"): 120_100,  # measured (5f4e6cd): 36M tokens, median rate (103.7k before 57465fe)
+        ("llamba", "kd"): 103_500,        # measured (5f4e6cd: fp32 scan inputs): 16M tokens (107.5k at 57465fe)
+        ("llamba", "hidden"): 97_900,     # measured (5f4e6cd): 6M tokens (87.5k at 57465fe)
         ("llamba", "matrix"): 35_300,     # measured: 2M tokens (eager attention, L x L mixing matrices at seq 512)
     },
-    "gsm8k_sampling_s": 68,        # measured, 500 x 64 completions: teacher 39 s, Llamba 50 s (4e57ccb), MambaInLlama 68 s
-    "math_sampling_s": 120,        # measured at 512 new tokens: teacher 47 s, Llamba 48 s (4e57ccb), MambaInLlama 68 s;
+    "gsm8k_sampling_s": 40,        # measured, 500 x 64 completions (5f4e6cd): teacher 34.5 s, MambaInLlama 34.0 s,
+                                   # Llamba 32.0 s (bf16 state); fp32-state Llamba 50 s (4e57ccb)
+    "math_sampling_s": 90,         # measured at 512 new tokens (5f4e6cd): teacher 40.6 s, MIL 36.1 s, Llamba 31.8 s;
                                    # ~x2 for 1024 (this value is for 1024)
     "prm_scoring_s": 62,           # measured (4e57ccb): the default PRM on 500 x 64 completions, 50-62 s per task
     "math_grading_s": 170,         # measured: math-verify over 500 x 64 MATH answers after the PRM: 165 s (teacher), 45 s
     "eval_task_s": 60,             # measured: lm_eval start, model load, warm-up (10-40 s), GSM8K answer grading
-    "bench_s": 390,                # measured: `thinkfast bench` 6:29 (HF generate rows are most of it)
+    "bench_s": 420,                # measured: `thinkfast bench` 6:29, 7:11 with the bf16-state rows (HF generate: most)
     "leaderboard_s": 30,           # guess: tables and plots
 }
 TASK_GEN_TOKS = {"gsm8k500_bon": 400, "math500_bon": 1024}  # the task YAMLs' max_gen_toks
