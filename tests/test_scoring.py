@@ -315,6 +315,8 @@ def test_regrade_samples_script_keeps_prm_scores_and_applies_the_current_grader(
 def test_an_answer_that_exhausts_verify_twice_is_not_sent_again(monkeypatch):
     # "1^{(2^2^{2342714053620040})}" ran math-verify into its 5 s time-out against every other answer of a problem
     # (2 x 19 calls, 190 s); after two timed-out pairs an answer no signature describes only equals its own text.
+    # The budget is one problem's (`grade_completions` starts a fresh one), so grading stays independent of which
+    # other problems a worker graded before.
     import collections
     import time
 
@@ -330,17 +332,20 @@ def test_an_answer_that_exhausts_verify_twice_is_not_sent_again(monkeypatch):
         return False
 
     monkeypatch.setattr(math_verify, "verify", slow_false)
-    monkeypatch.setattr(answers, "_VERIFY_TIMEOUTS", collections.Counter())
-    answers.is_equiv.cache_clear()
+    answers._verified.cache_clear()
+    budget = collections.Counter()
     matrix = "\\begin{pmatrix}1&2\\end{pmatrix}"
     others = ["\\begin{pmatrix}%d&2\\end{pmatrix}" % i for i in range(3, 7)]
     assert answers._signature(answers.normalize_answer(matrix))[0] == "other"    # no shortcut: verify decides
-    assert not any(answers.is_equiv(matrix, other, 0.3) for other in others)
+    assert not any(answers.is_equiv(matrix, other, 0.3, budget) for other in others)
     assert len(calls) == 4                      # both directions of the first two pairs; the rest skip verify
-    assert answers.is_equiv(matrix, matrix, 0.3)    # its own text still matches
+    assert answers.is_equiv(matrix, matrix, 0.3, budget)    # its own text still matches
+    # a fresh problem's budget sends the pair to verify again (the cached verdict; the time-out is counted anew)
+    fresh = collections.Counter()
+    assert not answers.is_equiv(matrix, others[-1], 0.3, fresh) and fresh[answers.normalize_answer(matrix)] == 1
     # a plain number is never blamed: "2" keeps reaching verify however often its pairs time out
     calls.clear()
     for other in ("\\frac{4}{2}", "\\frac{6}{3}", "\\frac{8}{4}"):
-        answers.is_equiv("2", other, 0.3)
-    assert len(calls) == 6 and answers._VERIFY_TIMEOUTS["2"] == 0
-    answers.is_equiv.cache_clear()
+        answers.is_equiv("2", other, 0.3, budget)
+    assert len(calls) == 6 and budget["2"] == 0
+    answers._verified.cache_clear()

@@ -220,9 +220,7 @@ def _parse(answer: str, timeout_s: float = TIMEOUT_S) -> tuple:
     return tuple(_call_with_timeout(run, timeout_s, default=[]))
 
 
-# normalized equation or undescribed answer -> its pairs whose `verify` ran out of time, in this process
-_VERIFY_TIMEOUTS: collections.Counter = collections.Counter()
-MAX_VERIFY_TIMEOUTS = 2
+MAX_VERIFY_TIMEOUTS = 2   # per problem: see `is_equiv`'s budget
 
 
 def _verify(gold: tuple, target: tuple, timeout_s: float) -> bool:
@@ -353,12 +351,28 @@ def _may_be_equal(sa: tuple, sb: tuple) -> bool:
 
 
 @functools.lru_cache(maxsize=65536)
-def is_equiv(a: str | None, b: str | None, timeout_s: float = TIMEOUT_S) -> bool:
+def _verified(na: str, nb: str, timeout_s: float) -> tuple[bool, bool]:
+    """`verify` both ways on two normalized answers: (verdict, whether it ran out of time). On the main thread
+    math-verify's own alarm answers False, so a False that took the whole time-out counts as one."""
+    pa, pb = _parse(na, timeout_s), _parse(nb, timeout_s)
+    start = time.monotonic()
+    verdict = _verify(pa, pb, timeout_s) or _verify(pb, pa, timeout_s)
+    return verdict, not verdict and time.monotonic() - start >= 0.95 * timeout_s
+
+
+def is_equiv(a: str | None, b: str | None, timeout_s: float = TIMEOUT_S,
+             budget: collections.Counter | None = None) -> bool:
     """Whether two final answers are mathematically the same. None (no answer) equals nothing.
 
     math-verify's `verify` costs milliseconds of sympy per call, and grouping 64 samples calls it for every pair of
     distinct answers: pairs that `_signature` proves unequal skip it (16.6 s -> well under a second per MATH
-    problem of 64 random answers)."""
+    problem of 64 random answers).
+
+    `budget` (one Counter per problem, as `grade_completions` keeps) is a time-out budget, not math-verify's
+    verdict: an equation or an answer no signature describes (sympy could not evaluate it in a second, e.g.
+    "1^{(2^2^{2342714053620040})}") whose pairs ran `verify` out of time MAX_VERIFY_TIMEOUTS times is compared by
+    its text from then on; each further pair cost 2 x 5 s for a time-out's False (math-verify's `solve` on
+    small-model equations). Numbers and expressions are never blamed."""
     if a is None or b is None:
         return False
     na, nb = normalize_answer(a), normalize_answer(b)
@@ -369,26 +383,21 @@ def is_equiv(a: str | None, b: str | None, timeout_s: float = TIMEOUT_S) -> bool
     sa, sb = _signature(na, timeout_s), _signature(nb, timeout_s)
     if not _may_be_equal(sa, sb):
         return False
-    # A time-out budget, not math-verify's verdict: an equation or an answer no signature describes (sympy could
-    # not evaluate it in a second, e.g. "1^{(2^2^{2342714053620040})}") whose pairs ran `verify` out of time twice
-    # is compared by its text from then on; each further pair cost 2 x 5 s for a time-out's False (math-verify's
-    # `solve` on small-model equations). Numbers and expressions are never blamed.
-    suspects = [n for n, s in ((na, sa), (nb, sb)) if s[0] in ("other", "eq")]
-    if any(_VERIFY_TIMEOUTS[n] >= MAX_VERIFY_TIMEOUTS for n in suspects):
+    suspects = [n for n, s in ((na, sa), (nb, sb)) if s[0] in ("other", "eq")] if budget is not None else []
+    if any(budget[n] >= MAX_VERIFY_TIMEOUTS for n in suspects):
         return False
-    pa, pb = _parse(na, timeout_s), _parse(nb, timeout_s)
-    start = time.monotonic()
-    verdict = _verify(pa, pb, timeout_s) or _verify(pb, pa, timeout_s)
-    if not verdict and time.monotonic() - start >= 0.95 * timeout_s:   # on the main thread math-verify's own
-        _VERIFY_TIMEOUTS.update(suspects)                                 # alarm answers False: time tells
+    verdict, timed_out = _verified(na, nb, timeout_s)
+    if timed_out and suspects:
+        budget.update(suspects)
     return verdict
 
 
-def group_answers(answers: Sequence[str | None], timeout_s: float = TIMEOUT_S) -> list[int | None]:
+def group_answers(answers: Sequence[str | None], timeout_s: float = TIMEOUT_S,
+                  budget: collections.Counter | None = None) -> list[int | None]:
     """Class id per answer: equivalent answers share an id (ids in order of first appearance); None stays None.
 
     Each new distinct answer is compared with the first member of every existing class, so the classes are
-    deterministic given the order of `answers`.
+    deterministic given the order of `answers`. `budget`: see `is_equiv`.
     """
     class_of_key: dict[str, int] = {}
     representatives: list[str] = []
@@ -400,7 +409,7 @@ def group_answers(answers: Sequence[str | None], timeout_s: float = TIMEOUT_S) -
             continue
         if key not in class_of_key:
             for class_id, rep in enumerate(representatives):
-                if is_equiv(rep, key, timeout_s):
+                if is_equiv(rep, key, timeout_s, budget):
                     class_of_key[key] = class_id
                     break
             else:
@@ -417,11 +426,12 @@ def grade_completions(gold: str, completions: Sequence[str], style: str
                       ) -> tuple[list[str | None], list[int | None], dict[int, bool]]:
     """Extracted answer and answer class per completion, and each class's correctness against `gold`."""
     answers = [extract_answer(text, style) for text in completions]
-    class_ids = group_answers(answers)
+    budget: collections.Counter = collections.Counter()   # this problem's time-out budget (see is_equiv)
+    class_ids = group_answers(answers, budget=budget)
     class_correct: dict[int, bool] = {}
     for answer, cid in zip(answers, class_ids):
         if cid is not None and cid not in class_correct:  # the class's first member stands for the class
-            class_correct[cid] = is_equiv(answer, gold)
+            class_correct[cid] = is_equiv(answer, gold, budget=budget)
     return answers, class_ids, class_correct
 
 
