@@ -6,6 +6,9 @@ the old inverse-CDF sampler vs the fused Gumbel-max one; plus prefill and forks.
     python scripts/profile_decode.py --out runs/profile_decode --batch 256 --check
     # the same at batch 1024 (bench's hardest point), with the SSM-step tile sweep and a kernel table
     python scripts/profile_decode.py --out runs/profile_decode_1024 --batch 1024 --sweep-ssm --kernels
+    # where a step's and the bench's prefill's time goes (kernel tables), bf16 SSM state
+    python scripts/profile_decode.py --out runs/profile_256 --batch 256 --models teacher,llamba --kernels \
+        --prefill-kernels --ssm-state-dtype bfloat16
     # CPU smoke test (reference kernels, no graphs; minutes of nothing useful, just that it runs)
     python scripts/profile_decode.py --out /tmp/profile_decode --device cpu --batch 2 --layers 2 --context 48 --check
 
@@ -46,14 +49,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness_ext.generation.bench import SMOLLM2_135M, _slot_bytes, _weight_bytes, measure_copy_bandwidth  # noqa: E402
 from harness_ext.generation import sampling  # noqa: E402
-from harness_ext.models import decode_kernels as dk  # noqa: E402
+from harness_ext.models import decode_kernels as dk, set_ssm_state_dtype  # noqa: E402
 from harness_ext.models.llamba import LlambaConfig, LlambaForCausalLM  # noqa: E402
 from harness_ext.models.mambainllama import MambaInLlamaConfig, MambaInLlamaForCausalLM  # noqa: E402
 
 MODELS = ("teacher", "mil50", "llamba")
 
 
-def build(name, layers, device, dtype):
+def build(name, layers, device, dtype, ssm_state_dtype="float32"):
     cfg = dict(SMOLLM2_135M, num_hidden_layers=layers)
     torch.manual_seed(0)
     with torch.device(device):
@@ -64,7 +67,7 @@ def build(name, layers, device, dtype):
         else:
             attn = list(range(layers)) if name == "teacher" else list(range(0, layers, 2))
             model = MambaInLlamaForCausalLM(MambaInLlamaConfig(attn_layers=attn, **cfg))
-    return model.to(dtype=dtype).eval()
+    return set_ssm_state_dtype(model.to(dtype=dtype).eval(), ssm_state_dtype)
 
 
 @contextlib.contextmanager
@@ -337,50 +340,116 @@ def time_prefill_and_fork(model, batch, max_seqlen, n_prompts, device):
     return res
 
 
-def kernel_table(model, batch, context, max_seqlen, device, steps=3):
+def profiled_kernels(fn, device, steps=3):
+    """Kernels of fn() (graphs off) from torch.profiler: [{kernel, calls_per_step, us_per_step}], slowest first."""
     activity = torch.profiler.ProfilerActivity.CUDA if device.type == "cuda" else torch.profiler.ProfilerActivity.CPU
-    state = model.allocate_decode_state(batch, max_seqlen)
-    tokens = torch.zeros(batch, dtype=torch.long, device=device)
     with torch.inference_mode():
-        state.seqlens.fill_(context)
-        model.decode_step(tokens, state)
+        fn()
+        sync(device)
         with torch.profiler.profile(activities=[activity]) as prof:
             for _ in range(steps):
-                state.seqlens.fill_(context)
-                model.decode_step(tokens, state)
+                fn()
             sync(device)
     key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
     rows = sorted(({"kernel": e.key[:90], "calls_per_step": e.count / steps, "us_per_step": getattr(e, key) / steps}
                    for e in prof.key_averages() if getattr(e, key) > 0), key=lambda r: -r["us_per_step"])
     if device.type == "cuda":
         rows = [r for r in rows if not r["kernel"].startswith(("aten::", "cuda", "Memcpy", "Memset"))] or rows
+    return rows
+
+
+def kernel_table(model, batch, context, max_seqlen, device, steps=3):
+    state = model.allocate_decode_state(batch, max_seqlen)
+    tokens = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def step():
+        state.seqlens.fill_(context)
+        model.decode_step(tokens, state, float_logits=False)
+
+    rows = profiled_kernels(step, device, steps)
     del state
     return rows
 
 
-def sweep_ssm(batch, device, dtype):
+def prefill_table(model, batch, prompt_len, max_seqlen, device, prefill_tokens):
+    """The bench's prefill: `batch` prompts of `prompt_len` tokens in engine-sized calls (`prefill_tokens` each).
+    Returns (wall ms of all calls, kernel rows per whole prefill)."""
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 49152, (prompt_len,), generator=gen).to(device) for _ in range(batch)]
+    per_call = max(1, prefill_tokens // prompt_len)
+    state = model.allocate_decode_state(batch, max_seqlen)
+
+    def run():
+        for start in range(0, batch, per_call):
+            model.prefill(prompts[start:start + per_call], state,
+                          torch.arange(start, min(batch, start + per_call), device=device))
+
+    with torch.inference_mode():
+        ms = time_fn(run, device, iters=3, graph=False)
+    rows = profiled_kernels(run, device, steps=1)
+    del state
+    return ms, rows
+
+
+def sweep_ssm(batch, device, dtype, state_dtype=torch.float32):
     """The fused SSM step alone at Llamba's shape: GB/s of state traffic per tile config."""
     nheads, headdim, dstate = 9, 64, 64
-    state = torch.randn(batch, nheads, headdim, dstate, device=device)
+    state = torch.randn(batch, nheads, headdim, dstate, device=device).to(state_dtype)
     x = torch.randn(batch, nheads, headdim, device=device, dtype=dtype)
     dt = torch.randn(batch, nheads, device=device, dtype=dtype)
     A_log = torch.randn(nheads, device=device)
     B = torch.randn(batch, nheads, dstate, device=device, dtype=dtype)
     C = torch.randn_like(B)
     z = torch.randn(batch, nheads * headdim, device=device, dtype=dtype)
-    moved = 2 * state.numel() * 4
+    moved = 2 * state.numel() * state.element_size()
     rows = []
-    saved = dict(dk.SSM_STEP_CONFIG)
+    table = dk.SSM_STEP_CONFIG[4 if state.element_size() >= 4 else 2]
+    saved = dict(table)
     try:
         for block_p in (8, 16, 32, 64):
             for warps in (2, 4, 8):
-                dk.SSM_STEP_CONFIG.update(block_p=block_p, num_warps=warps)
+                table.update(block_p=block_p, num_warps=warps)
                 ms = time_fn(lambda: dk.ssm_step(state, x, dt, A_log, B, C, D=A_log, z=z, discrete=True), device,
                              iters=20)
                 rows.append({"block_p": block_p, "num_warps": warps, "ms": ms, "GBps": moved / ms / 1e6})
     finally:
-        dk.SSM_STEP_CONFIG.clear()
-        dk.SSM_STEP_CONFIG.update(saved)
+        table.clear()
+        table.update(saved)
+    return rows
+
+
+def sweep_attn(batches, context, max_seqlen, device, dtype):
+    """Flash-decoding alone at the teacher's head layout (9 query / 3 KV heads of 64), every slot at `context`
+    keys: ms and GB/s of K/V read per `ATTN_DECODE_CONFIG` (tile, warps, stages, programs per SM -> splits)."""
+    n_q, n_kv, d = 9, 3, 64
+    rows = []
+    saved = dict(dk.ATTN_DECODE_CONFIG)
+    try:
+        for batch in batches:
+            q = torch.randn(batch, n_q, d, device=device, dtype=dtype)
+            kc = torch.randn(batch, n_kv, max_seqlen, d, device=device, dtype=dtype)
+            vc = torch.randn_like(kc)
+            lens = torch.full((batch,), context, device=device, dtype=torch.int32)
+            moved = 2 * batch * n_kv * (context + 1) * d * kc.element_size()
+            for per_sm in (4, 8, 16):
+                for block_n in (64, 128):
+                    for warps in (4, 8):
+                        for stages in (2, 3, 4):
+                            dk.ATTN_DECODE_CONFIG.update(block_n=block_n, num_warps=warps, num_stages=stages,
+                                                         programs_per_sm=per_sm)
+                            splits = dk.attention_decode_splits(batch, n_kv, max_seqlen, device)
+                            try:
+                                ms = time_fn(lambda: dk.attention_decode(q, kc, vc, lens, d ** -0.5), device)
+                            except Exception as err:  # noqa: BLE001 - e.g. out of shared memory: skip the config
+                                print(f"  attn sweep {batch} {per_sm} {block_n} {warps} {stages}: {err!r}"[:200])
+                                continue
+                            rows.append({"batch": batch, "programs_per_sm": per_sm, "splits": splits,
+                                         "block_n": block_n, "num_warps": warps, "num_stages": stages, "ms": ms,
+                                         "GBps": moved / ms / 1e6})
+            del q, kc, vc
+    finally:
+        dk.ATTN_DECODE_CONFIG.clear()
+        dk.ATTN_DECODE_CONFIG.update(saved)
     return rows
 
 
@@ -402,6 +471,14 @@ def main(argv=None):
     parser.add_argument("--check", action="store_true", help="bf16 correctness checks on the device first")
     parser.add_argument("--kernels", action="store_true", help="torch.profiler kernel table per model")
     parser.add_argument("--sweep-ssm", action="store_true", help="SSM-step tile sweep at --batch")
+    parser.add_argument("--sweep-attn", action="store_true",
+                        help="flash-decoding tile/launch sweep at batch --batch and 1024, --context keys per slot")
+    parser.add_argument("--prefill-kernels", action="store_true",
+                        help="wall time and kernel table of the bench's prefill: --batch prompts of --prompt-len tokens")
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--prefill-tokens", default="16384,65536",
+                        help="--prefill-kernels: tokens per prefill call (the engine's prefill_tokens), comma-separated")
+    parser.add_argument("--ssm-state-dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -441,7 +518,7 @@ def main(argv=None):
             failures.append(f"attention {bad}")
     for name in models:
         t0 = time.perf_counter()
-        model = build(name, args.layers, device, dtype)
+        model = build(name, args.layers, device, dtype, args.ssm_state_dtype)
         entry = {}
         if args.check:
             try:
@@ -471,6 +548,13 @@ def main(argv=None):
             rows = kernel_table(model, args.batch, args.context, args.max_seqlen, device)
             entry["kernels_per_step"] = sum(r["calls_per_step"] for r in rows)
             entry["top_kernels"] = rows[:25]
+            entry["kernel_us_per_step"] = sum(r["us_per_step"] for r in rows)
+        if args.prefill_kernels:
+            entry["bench_prefill"] = {}
+            for tokens in (int(t) for t in args.prefill_tokens.split(",")):
+                ms, rows = prefill_table(model, args.batch, args.prompt_len, args.max_seqlen, device, tokens)
+                entry["bench_prefill"][tokens] = {"wall_ms": ms, "kernel_ms": sum(r["us_per_step"] for r in rows) / 1e3,
+                                                  "top_kernels": rows[:25]}
         entry["seconds"] = time.perf_counter() - t0
         report["models"][name] = entry
         del model
@@ -478,7 +562,9 @@ def main(argv=None):
             torch.cuda.empty_cache()
         print(f"  {name}: done in {entry['seconds']:.1f}s", flush=True)
     if args.sweep_ssm:
-        report["ssm_sweep"] = sweep_ssm(args.batch, device, dtype)
+        report["ssm_sweep"] = sweep_ssm(args.batch, device, dtype, getattr(torch, args.ssm_state_dtype))
+    if args.sweep_attn:
+        report["attn_sweep"] = sweep_attn(sorted({args.batch, 1024}), args.context, args.max_seqlen, device, dtype)
 
     print(f"\nbatch {args.batch}: ms per decode step (CUDA graph), % of bandwidth floor, and the pieces around it")
     print(f"{'model':>8} {'floor':>7} {'old sdpa':>14} {'new flash':>14} {'speedup':>7} {'conv sep':>8} "
@@ -503,13 +589,31 @@ def main(argv=None):
     if args.kernels:
         for name, e in report["models"].items():
             print(f"\n{name}: {e['kernels_per_step']:.0f} kernels per step ({e['kernels_per_step'] / args.layers:.1f} "
-                  f"per layer); top kernels (us per step, calls per step):")
-            for r in e["top_kernels"][:12]:
+                  f"per layer), {e['kernel_us_per_step']:.0f} us of kernel time per step (graph replay: "
+                  f"{1e3 * e['bf16_logits']:.0f} us); top kernels (us per step, calls per step):")
+            for r in e["top_kernels"][:14]:
                 print(f"  {r['us_per_step']:9.1f} us  x{r['calls_per_step']:5.1f}  {r['kernel']}")
+    if args.prefill_kernels:
+        for name, e in report["models"].items():
+            for tokens, p in e["bench_prefill"].items():
+                print(f"\n{name}: prefill of {args.batch} x {args.prompt_len} tokens in calls of {tokens}: "
+                      f"{p['wall_ms']:.1f} ms wall, {p['kernel_ms']:.1f} ms of kernels; top kernels (us, calls):")
+                for r in p["top_kernels"][:10]:
+                    print(f"  {r['us_per_step']:9.1f} us  x{r['calls_per_step']:5.1f}  {r['kernel']}")
     if args.sweep_ssm:
-        print(f"\nSSM step alone at batch {args.batch} (Llamba shape, fp32 state read + write):")
+        print(f"\nSSM step alone at batch {args.batch} (Llamba shape, {args.ssm_state_dtype} state read + write):")
         for r in report["ssm_sweep"]:
             print(f"  block_p {r['block_p']:3d} warps {r['num_warps']}: {r['ms']:.3f} ms  {r['GBps']:6.0f} GB/s")
+    if args.sweep_attn:
+        print(f"\nflash-decoding alone (9 / 3 heads of 64, {args.context} keys per slot); best 5 per batch, then the default:")
+        default = {k: dk.ATTN_DECODE_CONFIG[k] for k in ("programs_per_sm", "block_n", "num_warps", "num_stages")}
+        for batch in sorted({r["batch"] for r in report["attn_sweep"]}):
+            rows = sorted((r for r in report["attn_sweep"] if r["batch"] == batch), key=lambda r: r["ms"])
+            mine = [r for r in rows if all(r[k] == v for k, v in default.items())]
+            for r in rows[:5] + mine:
+                print(f"  batch {batch:5d} per_sm {r['programs_per_sm']:2d} (splits {r['splits']}) block_n "
+                      f"{r['block_n']:3d} warps {r['num_warps']} stages {r['num_stages']}: {r['ms']:.4f} ms "
+                      f"{r['GBps']:6.0f} GB/s" + ("  <- default" if r in mine else ""))
     # a fused path that failed to compile falls back silently to keep runs alive: here it must show
     for label, broken in (("fused sampler", sampling._FUSED_BROKEN), ("fused conv+ssm", dk._CONV_SSM_BROKEN)):
         if broken:

@@ -227,7 +227,7 @@ class _Schedule:
 
 class Engine:
     def __init__(self, model, tokenizer=None, max_batch_size: int = 256, use_cuda_graphs: bool | None = None,
-                 sync_every: int = 16, max_seqlen: int | None = None, prefill_tokens: int = 16384,
+                 sync_every: int = 16, max_seqlen: int | None = None, prefill_tokens: int = 65536,
                  refill_min_free: int | None = None, template_slots: int | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -248,6 +248,8 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.buckets = batch_buckets(max_batch_size)
         self.sync_every = sync_every
+        # prefill is un-graphed Python per layer (~2 ms per Mamba layer on an H100 host, more than its kernels at
+        # 16k tokens): few large calls keep the GPU busy; a call's activations stay ~1-2 GB at 135M width
         self.prefill_tokens = prefill_tokens
         for name, value in (("refill_min_free", refill_min_free), ("template_slots", template_slots)):
             if value is not None and (not isinstance(value, int) or value < 1):

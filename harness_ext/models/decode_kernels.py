@@ -192,7 +192,9 @@ if triton is not None:
                          out_ptr, stride_out_b, HAS_DT_BIAS, DT_SOFTPLUS, DISCRETE, HAS_D, HAS_Z, HAS_Z_BIAS)
 
 
-SSM_STEP_CONFIG = {"block_p": 16, "num_warps": 4}
+# per state element size (fp32 / bf16 state): H100 sweeps at Llamba's shape, batch 256 (bf16: 32 x 64 tiles move
+# 3.3 TB/s vs 2.6 TB/s for 16 x 64)
+SSM_STEP_CONFIG = {4: {"block_p": 16, "num_warps": 4}, 2: {"block_p": 32, "num_warps": 4}}
 
 
 def ssm_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, z_bias=None, dt_softplus=True, discrete=False):
@@ -209,7 +211,8 @@ def ssm_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, z_bias=Non
     out = torch.empty(batch, nheads, headdim, device=x.device, dtype=x.dtype)
     # a program owns a [block_p, dstate] tile of one (row, head): the state is read and written once, rows of
     # dstate contiguous values (coalesced); `SSM_STEP_CONFIG` is tunable (scripts/profile_decode.py --sweep-ssm)
-    block_p = min(SSM_STEP_CONFIG["block_p"], _pow2(headdim))
+    config = SSM_STEP_CONFIG[4 if state.element_size() >= 4 else 2]
+    block_p = min(config["block_p"], _pow2(headdim))
     dummy = A_log
     _ssm_step_kernel[(triton.cdiv(headdim, block_p), batch, nheads)](
         state, x, dt, dt_bias if dt_bias is not None else dummy, A_log, B, C, D if D is not None else dummy,
@@ -220,7 +223,7 @@ def ssm_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, z_bias=Non
         z.stride(0) if z is not None else 0, out.stride(0),
         HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, DISCRETE=discrete, HAS_D=D is not None,
         HAS_Z=z is not None, HAS_Z_BIAS=z_bias is not None, BLOCK_P=block_p, BLOCK_N=_pow2(dstate),
-        num_warps=SSM_STEP_CONFIG["num_warps"])
+        num_warps=config["num_warps"])
     return out
 
 
@@ -668,10 +671,15 @@ def _sm_count(device) -> int:
     return _SM_COUNT[index]
 
 
-def attention_decode_splits(batch, n_kv, max_seqlen, device, block_n=64) -> int:
-    """Sequence splits per (row, KV head): enough programs for ~4 per SM, never a chunk under one tile."""
-    blocks = triton.cdiv(max_seqlen, block_n)
-    want = triton.cdiv(4 * _sm_count(device), batch * n_kv)
+# tunable (scripts/profile_decode.py --sweep-attn): keys per tile, launch shape, and the split heuristic's target
+# programs per SM
+ATTN_DECODE_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4}
+
+
+def attention_decode_splits(batch, n_kv, max_seqlen, device, block_n=None) -> int:
+    """Sequence splits per (row, KV head): enough programs for `programs_per_sm` per SM, never a chunk under one tile."""
+    blocks = triton.cdiv(max_seqlen, block_n or ATTN_DECODE_CONFIG["block_n"])
+    want = triton.cdiv(ATTN_DECODE_CONFIG["programs_per_sm"] * _sm_count(device), batch * n_kv)
     return max(1, min(blocks, want))
 
 
@@ -680,7 +688,7 @@ def _flash_decode_supported(q, k_cache) -> bool:
             and k_cache.stride(-1) == 1 and q.shape[1] % k_cache.shape[1] == 0)
 
 
-def attention_decode(q, k_cache, v_cache, seqlens, scale, num_splits=None, block_n=64):
+def attention_decode(q, k_cache, v_cache, seqlens, scale, num_splits=None, block_n=None):
     """`attention_decode_ref`'s contract; reads only keys 0..seqlens[b] of each row (Triton flash-decoding).
     `num_splits` (default: `attention_decode_splits`) and `block_n` (keys per tile) are for tests and tuning."""
     if not fast_decode_enabled(q) or not use_flash_decode() or not _flash_decode_supported(q, k_cache):
@@ -689,6 +697,7 @@ def attention_decode(q, k_cache, v_cache, seqlens, scale, num_splits=None, block
     n_kv, max_seqlen = k_cache.shape[1], k_cache.shape[2]
     assert v_cache.shape == k_cache.shape and v_cache.stride(-1) == 1
     groups = n_q // n_kv
+    block_n = block_n or ATTN_DECODE_CONFIG["block_n"]
     if num_splits is None:
         num_splits = attention_decode_splits(batch, n_kv, max_seqlen, q.device, block_n)
     chunk = triton.cdiv(triton.cdiv(max_seqlen, num_splits), block_n) * block_n
@@ -705,7 +714,8 @@ def attention_decode(q, k_cache, v_cache, seqlens, scale, num_splits=None, block
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         NUM_SPLITS=num_splits, BLOCK_G=max(16, _pow2(groups)), BLOCK_N=block_n, BLOCK_D=max(16, _pow2(head_dim)),
-        IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2)
+        IEEE=q.dtype == torch.float32, num_warps=ATTN_DECODE_CONFIG["num_warps"],
+        num_stages=ATTN_DECODE_CONFIG["num_stages"])
     if num_splits > 1:
         _attention_merge_kernel[(batch, n_q)](part_out, part_lse, out, n_q, head_dim, out.stride(0), out.stride(1),
                                               NUM_SPLITS=num_splits, SPLITS_P2=_pow2(num_splits),

@@ -823,8 +823,11 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
         ctx = ForwardContext(mode="prefill", seq_idx=seq_idx, doc_lens=lengths, cu_seqlens=cu_seqlens)
         if self.model.rotary_emb is not None:
             ctx.cos, ctx.sin = self.model.rotary_emb(hidden, position_ids)
-        for layer in self.model.layers:
-            hidden = layer(hidden, ctx=ctx)
+        if dk.fast_decode_enabled(hidden):
+            hidden = self._prefill_layers_fast(hidden[0], ctx).unsqueeze(0)
+        else:
+            for layer in self.model.layers:
+                hidden = layer(hidden, ctx=ctx)
         token_slots = torch.repeat_interleave(slots.to(device), lens)
         token_pos = position_ids[0].long()
         for idx, layer in enumerate(self.model.layers):
@@ -841,6 +844,21 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
         state.seqlens.index_copy_(0, slots, lens.to(torch.int32).to(state.seqlens.device))
         last = hidden[0, (cu_seqlens[1:] - 1).long()]
         return self.lm_head(self.model.norm(last)).float()
+
+    def _prefill_layers_fast(self, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """The layer loop of `prefill` on packed rows [N, D] with the decode step's fused kernels (residual add +
+        RMSNorm in one, gate/up in one GEMM, SiLU * up in one); returns the residual stream after the last layer.
+        Eager RMSNorm and SiLU are ~10 elementwise passes over every prompt token per layer: most of a prefill's
+        kernel time at 135M width (H100 profile, 256 prompts of 512 tokens)."""
+        residual = None
+        for layer in self.model.layers:
+            norm = layer.input_layernorm
+            normed, residual = dk.add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
+            mixed = layer.token_mixer(normed.unsqueeze(0), ctx)[0]
+            norm = layer.post_attention_layernorm
+            normed, residual = dk.add_rms_norm(mixed, residual, norm.weight, norm.variance_epsilon)
+            hidden = _mlp_fast(layer.mlp, normed)
+        return hidden + residual
 
     @torch.no_grad()
     def decode_step(self, input_ids: torch.Tensor, state: DecodeState, float_logits: bool = True) -> torch.Tensor:
@@ -917,19 +935,23 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
                 mixed = _ssm_mixer_step_fused(layer.token_mixer, normed, layer_state)
             normed, residual = dk.add_rms_norm(mixed, residual, layer.post_attention_layernorm.weight,
                                                layer.post_attention_layernorm.variance_epsilon)
-            mlp = layer.mlp
-            weight, bias = fused_linear_weight(mlp, "gate_up", [mlp.gate_proj, mlp.up_proj])
-            gate_up = F.linear(normed, weight, bias)
-            if mlp.config.hidden_act in ("silu", "swish"):
-                act = dk.silu_mul(*gate_up.chunk(2, dim=-1))
-            else:
-                gate, up = gate_up.chunk(2, dim=-1)
-                act = mlp.act_fn(gate) * up
-            hidden = mlp.down_proj(act)
+            hidden = _mlp_fast(layer.mlp, normed)
         normed, _ = dk.add_rms_norm(hidden, residual, self.model.norm.weight, self.model.norm.variance_epsilon)
         logits = self.lm_head(normed)
         state.seqlens.add_(1)
         return logits.float() if float_logits else logits
+
+
+def _mlp_fast(mlp, normed):
+    """Llama MLP on rows [N, D]: gate and up in one GEMM, SiLU * up in one kernel."""
+    weight, bias = fused_linear_weight(mlp, "gate_up", [mlp.gate_proj, mlp.up_proj])
+    gate_up = F.linear(normed, weight, bias)
+    if mlp.config.hidden_act in ("silu", "swish"):
+        act = dk.silu_mul(*gate_up.chunk(2, dim=-1))
+    else:
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = mlp.act_fn(gate) * up
+    return mlp.down_proj(act)
 
 
 def _ssm_mixer_step_fused(mixer, hidden, layer_state):
