@@ -276,6 +276,23 @@ def test_bad_input_raises_before_any_work(tokenizer):
         Engine(tiny_llamba(), max_seqlen=16).generate([list(range(3, 30))])
     with pytest.raises(ValueError, match="tokenizer"):
         Engine(model).generate(["text"])
+    with pytest.raises(ValueError, match="prefill_tokens"):
+        Engine(model, prefill_tokens=0)
+
+
+def test_prefill_calls_shrink_with_model_width():
+    from types import SimpleNamespace
+
+    from harness_ext.generation.engine import default_prefill_tokens
+
+    def width(hidden):
+        return SimpleNamespace(config=SimpleNamespace(hidden_size=hidden))
+
+    # 65,536 tokens at SmolLM2-135M's 576 (and below), fewer for Llama-3.2-1B / 3B, never under 4,096
+    assert default_prefill_tokens(width(576)) == default_prefill_tokens(width(64)) == 65536
+    assert default_prefill_tokens(width(2048)) == 18432 and default_prefill_tokens(width(3072)) == 12288
+    assert default_prefill_tokens(width(1 << 16)) == 4096
+    assert Engine(tiny_mil()).prefill_tokens == 65536 and Engine(tiny_mil(), prefill_tokens=10).prefill_tokens == 10
 
 
 @pytest.fixture(scope="module")
