@@ -100,6 +100,27 @@ def test_prefill_chunks_and_tail_buckets_keep_outputs(mil):
     assert engine.stats["prefill_calls"] >= 3
 
 
+def test_prefill_out_of_memory_splits_the_call_and_keeps_outputs(mil, monkeypatch):
+    prompts = random_prompts([5, 9, 14, 3, 7])
+    reference = Engine(mil, max_batch_size=8).generate(prompts, GREEDY8)
+    engine = Engine(mil, max_batch_size=8)
+    real_prefill, calls = mil.prefill, []
+
+    def prefill_with_a_memory_limit(prompt_list, state, slots):
+        calls.append(len(prompt_list))
+        if sum(p.numel() for p in prompt_list) > 16:          # a call over 16 tokens "runs out of memory"
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_prefill(prompt_list, state, slots)
+
+    monkeypatch.setattr(mil, "prefill", prefill_with_a_memory_limit)
+    with pytest.warns(UserWarning, match="ran out of GPU memory"):
+        assert engine.generate(prompts, GREEDY8) == reference
+    assert calls[0] == 5 and engine.stats["prefilled_prompts"] == 5 and engine.prefill_tokens <= 19
+    monkeypatch.setattr(mil, "prefill", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("one prompt")))
+    with pytest.raises(torch.OutOfMemoryError, match="one prompt"):
+        Engine(mil, max_batch_size=1).generate(prompts[:1], GREEDY8)
+
+
 def test_seeded_sampling_reproduces_and_seeds_differ(mil):
     prompts = random_prompts([4, 11])
     params = SamplingParams(max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.9, ignore_eos=True)

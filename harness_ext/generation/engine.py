@@ -650,16 +650,7 @@ class Engine:
         if to_prefill:
             prompt_source = {}
             for chunk in self._chunks(to_prefill, prompt_ids):
-                t0 = time.perf_counter()
-                logits = self.model.prefill(
-                    [torch.tensor(prompt_ids[i], dtype=torch.long, device=dev) for i, _ in chunk],
-                    self._state, torch.tensor([s for _, s in chunk], device=dev))
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                self.stats["prefill_s"] += time.perf_counter() - t0
-                self.stats["prefill_calls"] += 1
-                self.stats["prefilled_prompts"] += len(chunk)
-                self.stats["prefill_tokens"] += sum(len(prompt_ids[i]) for i, _ in chunk)
+                logits = self._prefill_call(chunk, prompt_ids)
                 for r, (i, _) in enumerate(chunk):
                     sources.append(logits[r])
                     prompt_source[i] = len(sources) - 1
@@ -694,6 +685,39 @@ class Engine:
             checked[slot] = 0
             slot_count[slot] = 1
             slot_budget[slot] = budget
+
+    def _prefill_call(self, chunk, prompt_ids) -> torch.Tensor:
+        """Prefill `chunk` [(prompt, slot)] in one model call; last-token logits [len(chunk), vocab]. Out of GPU
+        memory with more than one prompt, the call is split in two and `prefill_tokens` halved for the rest of the
+        engine's life (a prefill stores states only after its last layer, so a failed call left none behind)."""
+        dev = self.device
+        t0 = time.perf_counter()
+        try:
+            logits = self.model.prefill(
+                [torch.tensor(prompt_ids[i], dtype=torch.long, device=dev) for i, _ in chunk],
+                self._state, torch.tensor([s for _, s in chunk], device=dev))
+        except torch.OutOfMemoryError:
+            if len(chunk) == 1:
+                raise
+            logits = None        # retried below, once the traceback (and the failed call's tensors) is gone
+        if logits is None:
+            tokens = sum(len(prompt_ids[i]) for i, _ in chunk)
+            self.prefill_tokens = max(1, min(self.prefill_tokens, tokens) // 2)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            import warnings
+
+            warnings.warn(f"prefill of {len(chunk)} prompts ({tokens} tokens) ran out of GPU memory; splitting it, "
+                          f"prefill_tokens={self.prefill_tokens} from now on")
+            half = len(chunk) // 2
+            return torch.cat([self._prefill_call(chunk[:half], prompt_ids), self._prefill_call(chunk[half:], prompt_ids)])
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        self.stats["prefill_s"] += time.perf_counter() - t0
+        self.stats["prefill_calls"] += 1
+        self.stats["prefilled_prompts"] += len(chunk)
+        self.stats["prefill_tokens"] += sum(len(prompt_ids[i]) for i, _ in chunk)
+        return logits
 
     def _fork(self, src: list[int], dst: list[int]):
         """Copy the states of slots `src` into slots `dst`: one batched `copy_slots` for every fork of a refill
