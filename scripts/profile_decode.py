@@ -16,8 +16,9 @@ Per model (teacher = all 30 layers attention, mil50 = every other layer attentio
   * ms per `decode_step` (CUDA graph replay, slots at `--context` of a `--max-seqlen` cache: the bench's mean
     context 768 of 1024) for the old path (THINKFAST_DECODE_ATTN=sdpa) and the new one, and each one's fraction
     of the bench's bandwidth floor (weights + per slot K/V up to the context, or SSM/conv state read + write);
-  * Mamba models: ms per step with conv and SSM step as two kernels (THINKFAST_DECODE_CONV=separate) vs one
-    (`fused`, the default); and the step returning bf16 logits (`float_logits=False`, what the engine asks for);
+  * Mamba models: ms per step with conv and SSM step as two kernels (THINKFAST_DECODE_CONV=separate, the engine's
+    default and the `new flash` column unless the variable says otherwise) vs one (`conv fus`); and the step
+    returning bf16 logits (`float_logits=False`, what the engine asks for);
   * sampling on the step's logits at temperature 1 (the bench's sampler), each inside a CUDA graph as in the
     engine: the former inverse-CDF sampler on fp32 logits (`old_sampler`), the PyTorch Gumbel twin
     (THINKFAST_SAMPLER=torch), the fused Triton kernel on fp32 and on bf16 logits, torch vs fused greedy argmax,
@@ -196,7 +197,8 @@ def check_conv_ssm(batch, device, dtype):
         kw = dict(D=D, z=z if discrete else None, dt_bias=None if discrete else torch.randn(nheads, device=device),
                   discrete=discrete)
         c1, c2, s1, s2 = conv_state.clone(), conv_state.clone(), ssm_state.clone(), ssm_state.clone()
-        y1 = dk.conv_ssm_step(c1, xBC, w, bias, True, s1, x_heads, b_groups, dt, A_log, **kw)
+        with env("THINKFAST_DECODE_CONV", "fused"):
+            y1 = dk.conv_ssm_step(c1, xBC, w, bias, True, s1, x_heads, b_groups, dt, A_log, **kw)
         y2 = dk.conv_ssm_step_ref(c2, xBC, w, bias, True, s2, x_heads, b_groups, dt, A_log, **kw)
         errs[f"{name}_y"], errs[f"{name}_ssm_state"] = rel_err(y1, y2), rel_err(s1, s2)
         errs[f"{name}_conv_state"] = rel_err(c1, c2)
@@ -295,9 +297,9 @@ def time_decode(model, batch, context, max_seqlen, device):
             with env("THINKFAST_DECODE_ATTN", path):
                 res[path] = time_fn(lambda: model.decode_step(tokens, state), device, reset)
         if model.mamba_layers:
-            with env("THINKFAST_DECODE_CONV", "separate"):
-                res["conv_separate"] = time_fn(lambda: model.decode_step(tokens, state), device, reset)
-            res["conv_fused"] = res["flash"]          # the default path timed above
+            for conv in ("separate", "fused"):
+                with env("THINKFAST_DECODE_CONV", conv):
+                    res[f"conv_{conv}"] = time_fn(lambda: model.decode_step(tokens, state), device, reset)
         res["bf16_logits"] = time_fn(lambda: model.decode_step(tokens, state, float_logits=False), device, reset)
         logits = model.decode_step(tokens, state, float_logits=False)
         logits32 = logits.float()
@@ -456,9 +458,8 @@ def sweep_attn(batches, context, max_seqlen, device, dtype):
 # ----- main ------------------------------------------------------------------------------------
 
 def main(argv=None):
-    # this script checks and times the opt-in fused paths against the defaults: "new" means fused here
+    # the sampler's fused kernel is the engine's default too; set here so the timings say which path they time
     os.environ.setdefault("THINKFAST_SAMPLER", "fused")
-    os.environ.setdefault("THINKFAST_DECODE_CONV", "fused")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -567,7 +568,7 @@ def main(argv=None):
         report["attn_sweep"] = sweep_attn(sorted({args.batch, 1024}), args.context, args.max_seqlen, device, dtype)
 
     print(f"\nbatch {args.batch}: ms per decode step (CUDA graph), % of bandwidth floor, and the pieces around it")
-    print(f"{'model':>8} {'floor':>7} {'old sdpa':>14} {'new flash':>14} {'speedup':>7} {'conv sep':>8} "
+    print(f"{'model':>8} {'floor':>7} {'old sdpa':>14} {'new flash':>14} {'speedup':>7} {'conv fus':>8} "
           f"{'bf16 lgt':>8} {'prefill loop':>12} {'varlen':>7} {'fork':>7}")
     nan = float("nan")
     for name, e in report["models"].items():
@@ -576,7 +577,7 @@ def main(argv=None):
             continue
         f = e["floor_ms"]
         print(f"{name:>8} {f:7.3f} {e['sdpa']:7.3f} ({100 * f / e['sdpa']:3.0f}%) {e['flash']:7.3f} "
-              f"({100 * f / e['flash']:3.0f}%) {e['sdpa'] / e['flash']:6.2f}x {e.get('conv_separate', nan):8.3f} "
+              f"({100 * f / e['flash']:3.0f}%) {e['sdpa'] / e['flash']:6.2f}x {e.get('conv_fused', nan):8.3f} "
               f"{e['bf16_logits']:8.3f} {e.get('prefill_loop_ms', nan):12.1f} {e.get('prefill_varlen_ms', nan):7.1f} "
               f"{e.get('fork_ms', nan):7.1f}")
     print(f"\nsampling at batch {args.batch}, ms inside a CUDA graph (old = inverse CDF on fp32 logits):")
