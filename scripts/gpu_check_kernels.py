@@ -37,6 +37,7 @@ bf16 error varies by tens of percent from one batch to the next.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -298,14 +299,13 @@ def main(argv=None):
         model32 = build(arch, args.layers, args.vocab, args.chunk).to(device=device)
         model32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
         if arch != "all-attention":
+            # autocast: fp32 weights under bf16 autocast (the trainer's way); else the bf16 model as it is
             autocast = args.train_precision == "autocast" and dtype != torch.float32
+            trained, run_autocast = (model32, dtype) if autocast else (model, None)
             for seed, (ids_s, seq_s) in enumerate(batches):
                 seed_tag = seed if args.seeds > 1 else None
-                if autocast:
-                    run = lambda ids_s=ids_s, seq_s=seq_s: model_run(model32.train(), ids_s, seq_s, dtype)  # noqa: E731
-                else:
-                    run = lambda ids_s=ids_s, seq_s=seq_s: model_run(model.train(), ids_s, seq_s)  # noqa: E731
-                run32 = lambda ids_s=ids_s, seq_s=seq_s: model_run(model32.train(), ids_s, seq_s)  # noqa: E731
+                run = functools.partial(model_run, trained.train(), ids_s, seq_s, run_autocast)
+                run32 = functools.partial(model_run, model32.train(), ids_s, seq_s)
                 compare(arch, run, run32, seed_tag, kernel_fp32=dtype != torch.float32)
                 # the same training step with the Triton conv and (MambaInLlama) varlen attention switched on
                 compare(f"{arch} fast-train", with_training_paths(run), run32, seed_tag)
