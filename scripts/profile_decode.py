@@ -31,7 +31,8 @@ cache end), whole decode steps old vs new, conv + SSM fused vs separate (kernel 
 steps), the fused sampler vs its PyTorch twin (same tokens but for near-ties: GPU log is approximate; greedy
 exact; top-k/top-p draws inside the allowed set; empirical frequencies vs softmax), and varlen vs looped prefill;
 failures are printed (and in the JSON).
---sweep-ssm times the fused SSM step alone for tile sizes and prints GB/s (state read + write).
+--sweep-ssm times the SSM step alone for tile sizes, fp32 and bf16 states, each call on its own state as in a
+step, and prints GB/s (state read + write); --sweep-gemm times the step's GEMM shapes (F.linear vs NN mm).
 Writes profile_decode.json under --out.
 """
 from __future__ import annotations
@@ -393,30 +394,57 @@ def prefill_table(model, batch, prompt_len, max_seqlen, device, prefill_tokens):
     return ms, rows
 
 
-def sweep_ssm(batch, device, dtype, state_dtype=torch.float32):
-    """The fused SSM step alone at Llamba's shape: GB/s of state traffic per tile config."""
+def sweep_ssm(batch, device, dtype, state_dtype=torch.float32, layers=30):
+    """The SSM step alone at Llamba's shape, as a step runs it: `layers` calls on distinct states (the state of one
+    layer, 19-38 MB at batch 256, fits the H100's 50 MB L2, which made a one-state sweep optimistic). ms per call
+    and GB/s of state traffic (read + write) per tile config."""
     nheads, headdim, dstate = 9, 64, 64
-    state = torch.randn(batch, nheads, headdim, dstate, device=device).to(state_dtype)
+    states = [torch.randn(batch, nheads, headdim, dstate, device=device).to(state_dtype) for _ in range(layers)]
     x = torch.randn(batch, nheads, headdim, device=device, dtype=dtype)
     dt = torch.randn(batch, nheads, device=device, dtype=dtype)
     A_log = torch.randn(nheads, device=device)
     B = torch.randn(batch, nheads, dstate, device=device, dtype=dtype)
     C = torch.randn_like(B)
     z = torch.randn(batch, nheads * headdim, device=device, dtype=dtype)
-    moved = 2 * state.numel() * state.element_size()
+    moved = 2 * states[0].numel() * states[0].element_size()
     rows = []
-    table = dk.SSM_STEP_CONFIG[4 if state.element_size() >= 4 else 2]
+    table = dk.SSM_STEP_CONFIG[4 if states[0].element_size() >= 4 else 2]
     saved = dict(table)
+
+    def step():
+        for state in states:
+            dk.ssm_step(state, x, dt, A_log, B, C, D=A_log, z=z, discrete=True)
+
     try:
         for block_p in (8, 16, 32, 64):
-            for warps in (2, 4, 8):
+            for warps in (1, 2, 4, 8):
                 table.update(block_p=block_p, num_warps=warps)
-                ms = time_fn(lambda: dk.ssm_step(state, x, dt, A_log, B, C, D=A_log, z=z, discrete=True), device,
-                             iters=20)
-                rows.append({"block_p": block_p, "num_warps": warps, "ms": ms, "GBps": moved / ms / 1e6})
+                ms = time_fn(step, device, iters=20) / layers
+                rows.append({"block_p": block_p, "num_warps": warps, "ms": ms, "GBps": moved / ms / 1e6,
+                             "state_dtype": str(state_dtype).replace("torch.", "")})
     finally:
         table.clear()
         table.update(saved)
+    return rows
+
+
+def sweep_gemm(batch, device, dtype, layers=30, hidden=576, intermediate=1536, in_proj=2368):
+    """The decode step's GEMMs at batch `batch` (Llamba's padded in_proj, out_proj, the MLP's fused gate/up and
+    down), `layers` distinct weights per shape as a step runs them: F.linear on [out, in] weights (the engine's
+    layout, cuBLAS 'TN') against x @ W^T kept as a contiguous [in, out] copy ('NN'). ms per call."""
+    shapes = {"in_proj": (hidden, in_proj), "out_proj": (hidden, hidden), "gate_up": (hidden, 2 * intermediate),
+              "down": (intermediate, hidden)}
+    rows = []
+    for name, (k, n) in shapes.items():
+        x = torch.randn(batch, k, device=device, dtype=dtype)
+        weights = [torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5 for _ in range(layers)]
+        transposed = [w.t().contiguous() for w in weights]
+        out = torch.empty(batch, n, device=device, dtype=dtype)
+        ms_tn = time_fn(lambda: [torch.nn.functional.linear(x, w) for w in weights], device, iters=20) / layers
+        ms_nn = time_fn(lambda: [torch.mm(x, w, out=out) for w in transposed], device, iters=20) / layers
+        moved = (k * n + batch * (k + n)) * x.element_size()
+        rows.append({"gemm": name, "batch": batch, "k": k, "n": n, "ms_linear": ms_tn, "ms_mm_nn": ms_nn,
+                     "GBps_linear": moved / ms_tn / 1e6, "TFLOPs_linear": 2 * batch * k * n / ms_tn / 1e9})
     return rows
 
 
@@ -471,7 +499,9 @@ def main(argv=None):
     parser.add_argument("--prefill-prompts", type=int, default=64)
     parser.add_argument("--check", action="store_true", help="bf16 correctness checks on the device first")
     parser.add_argument("--kernels", action="store_true", help="torch.profiler kernel table per model")
-    parser.add_argument("--sweep-ssm", action="store_true", help="SSM-step tile sweep at --batch")
+    parser.add_argument("--sweep-ssm", action="store_true",
+                        help="SSM-step tile sweep at --batch, fp32 and bf16 states, 30 distinct states per step")
+    parser.add_argument("--sweep-gemm", action="store_true", help="decode GEMMs at --batch: F.linear vs NN mm")
     parser.add_argument("--sweep-attn", action="store_true",
                         help="flash-decoding tile/launch sweep at batch --batch and 1024, --context keys per slot")
     parser.add_argument("--prefill-kernels", action="store_true",
@@ -563,7 +593,11 @@ def main(argv=None):
             torch.cuda.empty_cache()
         print(f"  {name}: done in {entry['seconds']:.1f}s", flush=True)
     if args.sweep_ssm:
-        report["ssm_sweep"] = sweep_ssm(args.batch, device, dtype, getattr(torch, args.ssm_state_dtype))
+        report["ssm_sweep"] = [row for state_dtype in (torch.float32, torch.bfloat16)
+                               for row in sweep_ssm(args.batch, device, dtype, state_dtype,
+                                                    layers=min(args.layers, 30))]
+    if args.sweep_gemm:
+        report["gemm_sweep"] = sweep_gemm(args.batch, device, dtype, layers=min(args.layers, 30))
     if args.sweep_attn:
         report["attn_sweep"] = sweep_attn(sorted({args.batch, 1024}), args.context, args.max_seqlen, device, dtype)
 
@@ -602,9 +636,15 @@ def main(argv=None):
                 for r in p["top_kernels"][:10]:
                     print(f"  {r['us_per_step']:9.1f} us  x{r['calls_per_step']:5.1f}  {r['kernel']}")
     if args.sweep_ssm:
-        print(f"\nSSM step alone at batch {args.batch} (Llamba shape, {args.ssm_state_dtype} state read + write):")
+        print(f"\nSSM step alone at batch {args.batch} (Llamba shape, distinct states per call, read + write):")
         for r in report["ssm_sweep"]:
-            print(f"  block_p {r['block_p']:3d} warps {r['num_warps']}: {r['ms']:.3f} ms  {r['GBps']:6.0f} GB/s")
+            print(f"  {r['state_dtype']:8s} block_p {r['block_p']:3d} warps {r['num_warps']}: {r['ms']:.4f} ms "
+                  f"{r['GBps']:6.0f} GB/s")
+    if args.sweep_gemm:
+        print(f"\ndecode GEMMs at batch {args.batch} (ms per call, distinct weights):")
+        for r in report["gemm_sweep"]:
+            print(f"  {r['gemm']:8s} {r['k']:5d} -> {r['n']:5d}: linear {r['ms_linear']:.4f} ms "
+                  f"({r['TFLOPs_linear']:.0f} TFLOP/s), NN mm {r['ms_mm_nn']:.4f} ms")
     if args.sweep_attn:
         print(f"\nflash-decoding alone (9 / 3 heads of 64, {args.context} keys per slot); best 5 per batch, then the default:")
         default = {k: dk.ATTN_DECODE_CONFIG[k] for k in ("programs_per_sm", "block_n", "num_warps", "num_stages")}

@@ -200,6 +200,22 @@ for r in (None, res):
     assert (o1 - o2).abs().max() < 1e-5 and (h1 - h2).abs().max() < 1e-6
 g, u = torch.randn(b, 600), torch.randn(b, 600)
 assert (dk.silu_mul(g, u) - dk.silu_mul_ref(g, u)).abs().max() < 1e-5
+# Llamba's prefill elementwise kernels on strided row views of an in_proj-like output: x | z | dt | the rest,
+# 3 heads of 6, 37 tokens (masked tiles); the dispatch takes the kernels only without autograd
+proj = torch.randn(2, 37, 3 * 6 + 3 * 6 + 3 + 5)
+x6, z6, dt6 = proj[..., :18].unflatten(-1, (3, 6)), proj[..., 18:36], proj[..., 36:39]
+y6, D6, zb6 = torch.randn(2, 37, 3, 6), torch.randn(3), torch.randn(18)
+close = lambda a, b: ((a - b).abs() / b.abs().clamp_min(1)).max() < 1e-5
+with torch.no_grad():
+    for got, want in zip(dk.discrete_scan_inputs(x6, dt6), dk.discrete_scan_inputs_ref(x6, dt6)):
+        assert got.shape == want.shape and close(got, want)
+    gated = dk.skip_gate(y6, x6, D6, z6, zb6)
+    assert gated.shape == (2, 37, 18) and close(gated, dk.skip_gate_ref(y6, x6, D6, z6, zb6))
+    assert close(dk.skip_gate(y6.transpose(0, 1), x6.transpose(0, 1), D6, z6.transpose(0, 1), zb6),
+                 gated.transpose(0, 1))                            # rows that do not merge into a view
+yg = y6.clone().requires_grad_()
+dk.skip_gate(yg, x6, D6, z6, zb6).sum().backward()               # grad mode: the autograd reference
+assert yg.grad is not None
 # flash-decoding attention: GQA (3 query heads per KV head), head_dim 8 and 64 (padded / exact tiles), slots of
 # length 1, mid-tile, a full tile, the cache end, and a slot sitting at the end (clamped); single pass and split-K.
 # fp32 only: the interpreter's bf16 tl.dot is wrong (bf16 runs in scripts/profile_decode.py --check on GPU).

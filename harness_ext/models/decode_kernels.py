@@ -414,6 +414,111 @@ def _launch_conv_ssm(conv_state, xBC, conv_weight, conv_bias, conv_silu, conv_ou
 
 
 # --------------------------------------------------------------------------------------------------
+# Llamba's discrete scan over whole sequences (prefill): the elementwise work around the SSD scan in one pass each
+#   before:  dt' = softplus(dt);  x' = x / dt'        (the scan multiplies by dt' again, so x enters unscaled)
+#   after:   out = (y + D x) * silu(z + z_bias)
+# Eager, these were ~10 passes over [tokens, d_inner] with fp32 intermediates per layer (H100 prefill profile).
+# x [T, h, p] / z [T, h * p] may be strided row views of the in_proj output (heads adjacent, last dim contiguous).
+
+
+def discrete_scan_inputs_ref(x, dt):
+    """x [..., h, p], dt [..., h] (before softplus) -> (x / softplus(dt) in x's dtype, softplus(dt) float32)."""
+    dt = F.softplus(dt.float())
+    return (x / dt.unsqueeze(-1)).to(x.dtype), dt
+
+
+def skip_gate_ref(y, x, D, z, z_bias):
+    """y, x [..., h, p]; D [h]; z [..., h * p]; z_bias [h * p] -> (y + D x) * silu(z + z_bias) as [..., h * p] in
+    y's dtype, float32 arithmetic (one rounding, as the decode step's kernel)."""
+    out = y.float() + x.float() * D.float().view(-1, 1)
+    return (out.flatten(-2) * F.silu(z.float() + z_bias.float())).to(y.dtype)
+
+
+if triton is not None:
+    @triton.jit
+    def _discrete_inputs_kernel(x_ptr, dt_ptr, xs_ptr, dts_ptr, rows, width, headdim, stride_x, stride_dt,
+                                BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        ok = (t < rows)[:, None] & (c < width)[None, :]
+        head = c // headdim
+        dt = tl.load(dt_ptr + t[:, None] * stride_dt + head[None, :], mask=ok, other=0.0).to(tl.float32)
+        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(dt, 20.0))), dt)
+        x = tl.load(x_ptr + t[:, None] * stride_x + c[None, :], mask=ok, other=0.0).to(tl.float32)
+        tl.store(xs_ptr + t[:, None] * width + c[None, :], (x / dt).to(xs_ptr.dtype.element_ty), mask=ok)
+        nheads = width // headdim
+        tl.store(dts_ptr + t[:, None] * nheads + head[None, :], dt, mask=ok & (c % headdim == 0)[None, :])
+
+    @triton.jit
+    def _skip_gate_kernel(y_ptr, x_ptr, D_ptr, z_ptr, z_bias_ptr, out_ptr, rows, width, headdim,
+                          stride_y, stride_x, stride_z, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = c < width
+        ok = (t < rows)[:, None] & c_ok[None, :]
+        y = tl.load(y_ptr + t[:, None] * stride_y + c[None, :], mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + t[:, None] * stride_x + c[None, :], mask=ok, other=0.0).to(tl.float32)
+        D = tl.load(D_ptr + c // headdim, mask=c_ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + t[:, None] * stride_z + c[None, :], mask=ok, other=0.0).to(tl.float32)
+        z += tl.load(z_bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        out = (y + x * D[None, :]) * z * tl.sigmoid(z)
+        tl.store(out_ptr + t[:, None] * width + c[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+_ELEMENTWISE_TILE = {"block_t": 16, "block_c": 128, "num_warps": 4}
+
+
+def _rows(t: torch.Tensor, name: str, width: int) -> torch.Tensor:
+    """t [..., width] (or [..., h, p] with heads adjacent) as [rows, width] with a row stride (a view if it can)."""
+    flat = t.flatten(-2) if t.shape[-1] != width else t
+    if flat.stride(-1) != 1 or flat.shape[-1] != width:
+        raise ValueError(f"{name}: needs [..., {width}] rows with a contiguous last dimension")
+    try:
+        return flat.view(-1, width)
+    except RuntimeError:        # leading dimensions that do not merge: one copy
+        return flat.reshape(-1, width)
+
+
+def _use_elementwise_kernels(x: torch.Tensor) -> bool:
+    # no autograd through these launches: training keeps the reference (inductor fuses it there)
+    return fast_decode_enabled(x) and not torch.is_grad_enabled()
+
+
+def discrete_scan_inputs(x, dt):
+    """`discrete_scan_inputs_ref` in one kernel (inference); returns ([..., h, p] contiguous, [..., h] float32)."""
+    if not _use_elementwise_kernels(x):
+        return discrete_scan_inputs_ref(x, dt)
+    nheads, headdim = x.shape[-2:]
+    width = nheads * headdim
+    x2, dt2 = _rows(x, "discrete_scan_inputs: x", width), _rows(dt, "discrete_scan_inputs: dt", nheads)
+    xs = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    dts = torch.empty(dt.shape, device=x.device, dtype=torch.float32)
+    rows, tile = x2.shape[0], _ELEMENTWISE_TILE
+    if rows:
+        _discrete_inputs_kernel[(triton.cdiv(rows, tile["block_t"]), triton.cdiv(width, tile["block_c"]))](
+            x2, dt2, xs, dts, rows, width, headdim, x2.stride(0), dt2.stride(0),
+            BLOCK_T=tile["block_t"], BLOCK_C=tile["block_c"], num_warps=tile["num_warps"])
+    return xs, dts
+
+
+def skip_gate(y, x, D, z, z_bias):
+    """`skip_gate_ref` in one kernel (inference); returns [..., h * p] in y's dtype."""
+    if not _use_elementwise_kernels(y):
+        return skip_gate_ref(y, x, D, z, z_bias)
+    nheads, headdim = y.shape[-2:]
+    width = nheads * headdim
+    y2, x2 = _rows(y, "skip_gate: y", width), _rows(x, "skip_gate: x", width)
+    z2 = _rows(z, "skip_gate: z", width)
+    out = torch.empty(*y.shape[:-2], width, device=y.device, dtype=y.dtype)
+    rows, tile = y2.shape[0], _ELEMENTWISE_TILE
+    if rows:
+        _skip_gate_kernel[(triton.cdiv(rows, tile["block_t"]), triton.cdiv(width, tile["block_c"]))](
+            y2, x2, D, z2, z_bias, out, rows, width, headdim, y2.stride(0), x2.stride(0), z2.stride(0),
+            BLOCK_T=tile["block_t"], BLOCK_C=tile["block_c"], num_warps=tile["num_warps"])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # residual add + RMSNorm (Llama's: normalise in fp32, round to the input dtype, then scale)
 
 

@@ -128,28 +128,23 @@ class DiscreteMamba2(SSMMixerBase):
     def _A(self):
         return -torch.exp(self.A_log.float())
 
-    def _out(self, y, z):
-        return self.out_proj(y * F.silu(z + self.z_bias))
-
     def mix(self, hidden, ctx: ForwardContext):
         xBC, z, dt = self._split_in_proj(aligned_linear(hidden, self.in_proj))
         xBC, conv_state = self._conv_full(xBC, ctx)
         x, B, C = self._heads(xBC)
-        dt = F.softplus(dt.float())
-        y, ssm_state = self._scan_full((x / dt.unsqueeze(-1)).to(x.dtype), dt, self._A(), B, C, ctx)
-        # D's gradient sums x * dy over every token; in bf16 that sum was 1.2e-2 off (GPU check), so add in fp32.
-        y = (y.float() + x.float() * self.D.view(-1, 1).float()).to(y.dtype)
+        x_scaled, dt = ssd_decode.discrete_scan_inputs(x, dt)
+        y, ssm_state = self._scan_full(x_scaled, dt, self._A(), B, C, ctx)
         if conv_state is not None:
             self._store_states(ctx, conv_state, ssm_state)
-        return self._out(y.flatten(-2), z)
+        # skip and gate in fp32: D's gradient sums x * dy over every token, 1.2e-2 off in bf16 (GPU check)
+        return self.out_proj(ssd_decode.skip_gate(y, x, self.D, z, self.z_bias))
 
     def step(self, hidden, layer_state, ctx=None):
         xBC, z, dt = self._split_in_proj(self.in_proj(hidden))
         x, B, C = self._heads(self._conv_step(xBC, layer_state))
-        dt = F.softplus(dt.float())
-        y = ssd.ssd_step(layer_state["ssm_state"], (x / dt.unsqueeze(-1)).to(x.dtype), dt, self._A(), B, C)
-        y = y + x * self.D.view(-1, 1).to(x.dtype)
-        return self._out(y.flatten(-2), z)
+        x_scaled, dt = ssd_decode.discrete_scan_inputs_ref(x, dt)
+        y = ssd.ssd_step(layer_state["ssm_state"], x_scaled, dt, self._A(), B, C)
+        return self.out_proj(ssd_decode.skip_gate_ref(y, x, self.D, z, self.z_bias))
 
     def step_fast(self, hidden, layer_state, ctx=None):
         """`step` in four kernels: in_proj GEMM, conv, discrete SSM step with D and the z gate fused, out_proj GEMM."""
