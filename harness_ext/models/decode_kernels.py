@@ -136,6 +136,11 @@ def ssm_step_ref(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, z_bias
 
 if triton is not None:
     @triton.jit
+    def _softplus(v):
+        # F.softplus (threshold 20) in float32
+        return tl.where(v <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(v, 20.0))), v)
+
+    @triton.jit
     def _ssm_head_update(state_ptrs, tile_ok, x, Bv, Cv, row, head, p, p_ok, headdim,
                          dt_ptr, stride_dt_b, dt_bias_ptr, A_log_ptr, D_ptr, z_ptr, stride_z_b, z_bias_ptr,
                          out_ptr, stride_out_b,
@@ -147,7 +152,7 @@ if triton is not None:
         if HAS_DT_BIAS:
             dt += tl.load(dt_bias_ptr + head).to(tl.float32)
         if DT_SOFTPLUS:
-            dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(dt, 20.0))), dt)
+            dt = _softplus(dt)
         decay = tl.exp(-tl.exp(tl.load(A_log_ptr + head).to(tl.float32)) * dt)
         state = tl.load(state_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
         if DISCRETE:
@@ -443,7 +448,7 @@ if triton is not None:
         ok = (t < rows)[:, None] & (c < width)[None, :]
         head = c // headdim
         dt = tl.load(dt_ptr + t[:, None] * stride_dt + head[None, :], mask=ok, other=0.0).to(tl.float32)
-        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(dt, 20.0))), dt)
+        dt = _softplus(dt)
         x = tl.load(x_ptr + t[:, None] * stride_x + c[None, :], mask=ok, other=0.0).to(tl.float32)
         tl.store(xs_ptr + t[:, None] * width + c[None, :], (x / dt).to(xs_ptr.dtype.element_ty), mask=ok)
         nheads = width // headdim
@@ -480,7 +485,7 @@ def _rows(t: torch.Tensor, name: str, width: int) -> torch.Tensor:
 
 
 def _use_elementwise_kernels(x: torch.Tensor) -> bool:
-    # no autograd through these launches: training keeps the reference (inductor fuses it there)
+    # no autograd through these launches: training runs the reference (eager; the mixers are not compiled)
     return fast_decode_enabled(x) and not torch.is_grad_enabled()
 
 
