@@ -193,6 +193,9 @@ xin, w, bias = torch.randn(b, 7), torch.randn(7, 4), torch.randn(7)
 c1, c2 = cs.clone(), cs.clone()
 assert (dk.conv_step(c1, xin, w, bias, silu=True) - dk.conv_step_ref(c2, xin, w, bias, silu=True)).abs().max() < 1e-5
 assert torch.equal(c1, c2)
+c1, c2 = cs.transpose(1, 2).contiguous().transpose(1, 2), cs.clone()          # the engine's tap-major storage
+assert (dk.conv_step(c1, xin, w, bias) - dk.conv_step_ref(c2, xin, w, bias)).abs().max() < 1e-5
+assert torch.equal(c1, c2) and c1.stride(1) == 1
 res, xx, nw = torch.randn(b, 10), torch.randn(b, 10), torch.randn(10)
 for r in (None, res):
     o1, h1 = dk.add_rms_norm(xx, r, nw, 1e-5)

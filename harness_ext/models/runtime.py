@@ -586,7 +586,11 @@ class SSMMixerBase(nn.Module):
                                       self.conv1d.bias, activation=self.conv_activation)
 
     def allocate_state(self, batch_size, max_seqlen, device, dtype):
-        return {"conv_state": torch.zeros(batch_size, self.conv_dim, self.d_conv, device=device, dtype=dtype),
+        # [B, conv_dim, d_conv] stored tap-major: the decode step shifts the window one tap left, and along
+        # contiguous channels those loads and stores are whole aligned vectors (channel-major, every row is a
+        # misaligned 3-of-4 element load)
+        conv_state = torch.zeros(batch_size, self.d_conv, self.conv_dim, device=device, dtype=dtype).transpose(1, 2)
+        return {"conv_state": conv_state,
                 "ssm_state": torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
                                          dtype=state_dtype(self.ssm_state_dtype))}
 
