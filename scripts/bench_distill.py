@@ -27,6 +27,7 @@ Configurations (micro-batches: --micro-batches if given, else the default in bra
   chunked-layers     chunked KD loss, compile_mode=layers (whole layers; SSD kernels behind compiler.disable)
   chunked-flex       chunked-compile with the teacher on FlexAttention (document-causal block mask)
   chunked-flex-all   chunked-flex with the students' attention layers on FlexAttention too (THINKFAST_TRAIN_ATTN=flex)
+  layers-flex-all    chunked-layers with the teacher's and the students' attention on FlexAttention
   chunked-ckpt       chunked KD loss, regional compile, gradient checkpointing (for micro-batches that OOM without)
   chunked-compile-conv   chunked-compile with THINKFAST_CONV=triton (Triton depthwise conv in the Mamba mixers)
   chunked-compile-varlen chunked-compile with THINKFAST_TRAIN_ATTN=varlen (students' attention: one flash call
@@ -62,6 +63,8 @@ CONFIGS = {
     "chunked-flex": dict(chunked_loss=True, compile=True, compile_mode="regional", teacher_attn="flex_attention"),
     "chunked-flex-all": dict(chunked_loss=True, compile=True, compile_mode="regional", teacher_attn="flex_attention",
                              env={"THINKFAST_TRAIN_ATTN": "flex"}),
+    "layers-flex-all": dict(chunked_loss=True, compile=True, compile_mode="layers", teacher_attn="flex_attention",
+                            env={"THINKFAST_TRAIN_ATTN": "flex"}),
     "chunked-ckpt": dict(chunked_loss=True, compile=True, compile_mode="regional", grad_checkpointing=True),
     "chunked-compile-conv": dict(chunked_loss=True, compile=True, compile_mode="regional",
                                  env={"THINKFAST_CONV": "triton"}),
