@@ -46,6 +46,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -197,12 +198,16 @@ def check_conv_ssm(batch, device, dtype):
         A_log, D = torch.randn(nheads, device=device), torch.randn(nheads, device=device)
         kw = dict(D=D, z=z if discrete else None, dt_bias=None if discrete else torch.randn(nheads, device=device),
                   discrete=discrete)
-        c1, c2, s1, s2 = conv_state.clone(), conv_state.clone(), ssm_state.clone(), ssm_state.clone()
-        with env("THINKFAST_DECODE_CONV", "fused"):
-            y1 = dk.conv_ssm_step(c1, xBC, w, bias, True, s1, x_heads, b_groups, dt, A_log, **kw)
-        y2 = dk.conv_ssm_step_ref(c2, xBC, w, bias, True, s2, x_heads, b_groups, dt, A_log, **kw)
-        errs[f"{name}_y"], errs[f"{name}_ssm_state"] = rel_err(y1, y2), rel_err(s1, s2)
-        errs[f"{name}_conv_state"] = rel_err(c1, c2)
+        # the engine's ring order (rows at every tap offset) and the linear order
+        for order, positions in (("", torch.arange(batch, device=device, dtype=torch.int32) + 509), ("_linear", None)):
+            c1, c2, s1, s2 = conv_state.clone(), conv_state.clone(), ssm_state.clone(), ssm_state.clone()
+            with env("THINKFAST_DECODE_CONV", "fused"):
+                y1 = dk.conv_ssm_step(c1, xBC, w, bias, True, s1, x_heads, b_groups, dt, A_log, positions=positions,
+                                      **kw)
+            y2 = dk.conv_ssm_step_ref(c2, xBC, w, bias, True, s2, x_heads, b_groups, dt, A_log, positions=positions,
+                                      **kw)
+            errs[f"{name}{order}_y"], errs[f"{name}{order}_ssm_state"] = rel_err(y1, y2), rel_err(s1, s2)
+            errs[f"{name}{order}_conv_state"] = rel_err(c1, c2)
     return errs
 
 
@@ -448,6 +453,93 @@ def sweep_gemm(batch, device, dtype, layers=30, hidden=576, intermediate=1536, i
     return rows
 
 
+if dk.triton is not None:
+    tl = dk.tl
+
+    @dk.triton.jit
+    def _gemm_candidate_kernel(x_ptr, res_ptr, g_ptr, w_ptr, out_ptr, res_out_ptr, M, N, K, eps,
+                               NORM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """out = x @ W^T, or with NORM: h = x + res (written to res_out by the first column of programs),
+        out = rmsnorm(h) * g @ W^T with the row scale applied after the K loop (it factors out of the sum)."""
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        rows = pid_m * BM + tl.arange(0, BM)
+        cols = pid_n * BN + tl.arange(0, BN)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        sumsq = tl.zeros((BM,), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            ks = k0 + tl.arange(0, BK)
+            a_mask = (rows[:, None] < M) & (ks[None, :] < K)
+            a = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=a_mask, other=0.0)
+            if NORM:
+                h = a.to(tl.float32) + tl.load(res_ptr + rows[:, None] * K + ks[None, :], mask=a_mask,
+                                               other=0.0).to(tl.float32)
+                if pid_n == 0:
+                    tl.store(res_out_ptr + rows[:, None] * K + ks[None, :], h.to(res_out_ptr.dtype.element_ty),
+                             mask=a_mask)
+                sumsq += tl.sum(h * h, axis=1)
+                g = tl.load(g_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
+                a = (h * g[None, :]).to(w_ptr.dtype.element_ty)
+            w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=(cols[:, None] < N) & (ks[None, :] < K),
+                        other=0.0)
+            acc = tl.dot(a, tl.trans(w), acc)
+        if NORM:
+            acc = acc * tl.rsqrt(sumsq / K + eps)[:, None]
+        tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+def _gemm_candidate(x, w, out, cfg, res=None, g=None, res_out=None):
+    M, K = x.shape
+    N = w.shape[0]
+    grid = (dk.triton.cdiv(M, cfg["BM"]), dk.triton.cdiv(N, cfg["BN"]))
+    norm = res is not None
+    _gemm_candidate_kernel[grid](x, res if norm else x, g if norm else x, w, out, res_out if norm else out, M, N, K,
+                                 1e-5, NORM=norm, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
+                                 num_warps=cfg["warps"], num_stages=cfg["stages"])
+
+
+GEMM_CANDIDATE_CONFIGS = [dict(BM=bm, BN=bn, BK=bk, warps=w, stages=st)
+                          for bm in (64, 128) for bn in (32, 64, 128) for bk in (64,) for w in (4,) for st in (3, 4)]
+
+
+def sweep_gemm_triton(batch, device, dtype, layers=30, hidden=576, intermediate=1536, in_proj=2368):
+    """Candidate for the decode GEMMs: a Triton GEMM over the engine's [out, in] weights, per tile config, against
+    F.linear; and for the GEMMs that follow an add + RMSNorm (in_proj, gate/up), the three fused into the GEMM's
+    prologue against `add_rms_norm` + F.linear. `layers` distinct weights per shape; ms per call; max error."""
+    shapes = {"in_proj": (hidden, in_proj, True), "out_proj": (hidden, hidden, False),
+              "gate_up": (hidden, 2 * intermediate, True), "down": (intermediate, hidden, False)}
+    rows = []
+    for name, (k, n, after_norm) in shapes.items():
+        x = torch.randn(batch, k, device=device, dtype=dtype)
+        res, g = torch.randn_like(x), 1 + 0.1 * torch.randn(k, device=device, dtype=dtype)
+        res_out = torch.empty_like(x)
+        weights = [torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5 for _ in range(layers)]
+        out = torch.empty(batch, n, device=device, dtype=dtype)
+        row = {"gemm": name, "batch": batch, "k": k, "n": n,
+               "ms_linear": time_fn(lambda: [F.linear(x, w) for w in weights], device, iters=20) / layers}
+        if after_norm:
+            row["ms_norm_linear"] = time_fn(lambda: [F.linear(dk.add_rms_norm(x, res, g, 1e-5)[0], w)
+                                                     for w in weights], device, iters=20) / layers
+        ref = F.linear(x, weights[0]).float()
+        normed_ref = F.linear(dk.add_rms_norm_ref(x, res, g, 1e-5)[0], weights[0]).float() if after_norm else None
+        for cfg in GEMM_CANDIDATE_CONFIGS:
+            tag = "bm{BM}_bn{BN}_bk{BK}_w{warps}_s{stages}".format(**cfg)
+            try:
+                _gemm_candidate(x, weights[0], out, cfg)
+                row[f"err_{tag}"] = float((out.float() - ref).abs().max() / ref.abs().max())
+                row[f"ms_{tag}"] = time_fn(lambda: [_gemm_candidate(x, w, out, cfg) for w in weights], device,
+                                           iters=20) / layers
+                if after_norm:
+                    _gemm_candidate(x, weights[0], out, cfg, res, g, res_out)
+                    row[f"err_norm_{tag}"] = float((out.float() - normed_ref).abs().max() / normed_ref.abs().max())
+                    row[f"ms_norm_{tag}"] = time_fn(lambda: [_gemm_candidate(x, w, out, cfg, res, g, res_out)
+                                                             for w in weights], device, iters=20) / layers
+            except Exception as err:  # noqa: BLE001 - a config that does not fit: skip it
+                row[f"failed_{tag}"] = repr(err)[:200]
+        rows.append(row)
+    return rows
+
+
 def sweep_attn(batches, context, max_seqlen, device, dtype):
     """Flash-decoding alone at the teacher's head layout (9 query / 3 KV heads of 64), every slot at `context`
     keys: ms and GB/s of K/V read per `ATTN_DECODE_CONFIG` (tile, warps, stages, programs per SM -> splits)."""
@@ -598,6 +690,8 @@ def main(argv=None):
                                                     layers=min(args.layers, 30))]
     if args.sweep_gemm:
         report["gemm_sweep"] = sweep_gemm(args.batch, device, dtype, layers=min(args.layers, 30))
+        if device.type == "cuda":
+            report["gemm_triton_sweep"] = sweep_gemm_triton(args.batch, device, dtype, layers=min(args.layers, 30))
     if args.sweep_attn:
         report["attn_sweep"] = sweep_attn(sorted({args.batch, 1024}), args.context, args.max_seqlen, device, dtype)
 
@@ -645,6 +739,15 @@ def main(argv=None):
         for r in report["gemm_sweep"]:
             print(f"  {r['gemm']:8s} {r['k']:5d} -> {r['n']:5d}: linear {r['ms_linear']:.4f} ms "
                   f"({r['TFLOPs_linear']:.0f} TFLOP/s), NN mm {r['ms_mm_nn']:.4f} ms")
+        print("Triton candidate, best 3 configs per GEMM (and fused add + RMSNorm prologue where one precedes it):")
+        for r in report.get("gemm_triton_sweep", []):
+            for kind in ("", "norm_"):
+                timed = sorted((v, key[len("ms_" + kind):]) for key, v in r.items()
+                               if key.startswith("ms_" + kind + "bm"))
+                if timed:
+                    base = r["ms_norm_linear"] if kind else r["ms_linear"]
+                    best = ", ".join(f"{tag} {ms:.4f} (err {r['err_' + kind + tag]:.1e})" for ms, tag in timed[:3])
+                    print(f"  {r['gemm']:8s} {kind or 'plain'}: torch {base:.4f} ms; {best}")
     if args.sweep_attn:
         print(f"\nflash-decoding alone (9 / 3 heads of 64, {args.context} keys per slot); best 5 per batch, then the default:")
         default = {k: dk.ATTN_DECODE_CONFIG[k] for k in ("programs_per_sm", "block_n", "num_warps", "num_stages")}

@@ -420,10 +420,11 @@ for xh, bg, cg, disc in ((6, 2, 2, True), (2, 2, 6, False), (3, 2, 6, False)):
     w, bias, A = torch.randn(conv_dim, K), torch.randn(conv_dim), torch.randn(h)
     kw = dict(D=torch.randn(h), z=torch.randn(b, h * hd) if disc else None, dt_bias=None if disc else torch.randn(h),
               z_bias=torch.randn(h * hd) if disc else None, discrete=disc)
-    c1, c2, s1, s2 = cs.clone(), cs.clone(), st.clone(), st.clone()
-    y1 = dk.conv_ssm_step(c1, xBC, w, bias, True, s1, xh, bg, dt, A, **kw)
-    y2 = dk.conv_ssm_step_ref(c2, xBC, w, bias, True, s2, xh, bg, dt, A, **kw)
-    assert (y1 - y2).abs().max() < 1e-4 and (s1 - s2).abs().max() < 1e-4 and torch.equal(c1, c2), (xh, bg, cg)
+    for positions in (None, torch.tensor([0, 5, 6], dtype=torch.int32)):       # linear order; ring at 3 offsets
+        c1, c2, s1, s2 = cs.clone(), cs.clone(), st.clone(), st.clone()
+        y1 = dk.conv_ssm_step(c1, xBC, w, bias, True, s1, xh, bg, dt, A, positions=positions, **kw)
+        y2 = dk.conv_ssm_step_ref(c2, xBC, w, bias, True, s2, xh, bg, dt, A, positions=positions, **kw)
+        assert (y1 - y2).abs().max() < 1e-4 and (s1 - s2).abs().max() < 1e-4 and torch.equal(c1, c2), (xh, bg, cg)
 
 # the engine end to end on the fused decode step: fused sampler == PyTorch sampler, token for token
 def prefill_on_ref_kernels(prefill):

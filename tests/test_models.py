@@ -162,6 +162,26 @@ def test_varlen_states_survive_strong_decay():
         assert (states[d] - ref[0]).abs().max() < 1e-4 * max(1.0, ref.abs().max())
 
 
+def test_conv_step_ring_order_equals_linear_order():
+    """The engine's ring-ordered conv state (input t at tap t % K, written from a prefill's linear state by
+    `ring_from_linear`) gives the linear order's outputs step for step, rows at different lengths."""
+    from harness_ext.models import decode_kernels as dk
+    torch.manual_seed(0)
+    b, c, K = 4, 5, 4
+    lengths = torch.tensor([1, 3, 4, 9])
+    linear = torch.randn(b, c, K)
+    linear[0, :, :3] = 0                                            # fewer inputs than taps: zeros before them
+    linear[1, :, :1] = 0
+    ring = dk.ring_from_linear(linear, lengths)
+    w, bias = torch.randn(c, K), torch.randn(c)
+    for step in range(6):
+        x = torch.randn(b, c)
+        want = dk.conv_step_ref(linear, x, w, bias, silu=True)
+        got = dk.conv_step_ref(ring, x, w, bias, silu=True, positions=lengths + step)
+        assert torch.allclose(got, want, atol=1e-6), step
+        assert torch.equal(dk.ring_from_linear(linear, lengths + step + 1), ring)
+
+
 FAST_DECODE_SCRIPT = r"""
 import contextlib, os, sys, torch
 sys.path.insert(0, sys.argv[1])
@@ -196,6 +216,10 @@ assert torch.equal(c1, c2)
 c1, c2 = cs.transpose(1, 2).contiguous().transpose(1, 2), cs.clone()          # the engine's tap-major storage
 assert (dk.conv_step(c1, xin, w, bias) - dk.conv_step_ref(c2, xin, w, bias)).abs().max() < 1e-5
 assert torch.equal(c1, c2) and c1.stride(1) == 1
+pos = torch.tensor([0, 6, 9], dtype=torch.int32)                               # ring order, rows at 3 tap offsets
+c1, c2 = cs.transpose(1, 2).contiguous().transpose(1, 2), cs.clone()
+assert (dk.conv_step(c1, xin, w, bias, True, pos) - dk.conv_step_ref(c2, xin, w, bias, True, pos)).abs().max() < 1e-5
+assert torch.equal(c1, c2)
 res, xx, nw = torch.randn(b, 10), torch.randn(b, 10), torch.randn(10)
 for r in (None, res):
     o1, h1 = dk.add_rms_norm(xx, r, nw, 1e-5)

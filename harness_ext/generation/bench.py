@@ -221,12 +221,13 @@ def _weight_bytes(model) -> int:
 
 def _slot_bytes(model, context: int) -> int:
     """Bytes one sequence's decode step must move: its K/V cache up to `context` is read (the new token's K/V
-    write is negligible); its conv and SSM state are read and written back, so they count twice."""
+    write is negligible); its SSM state is read and written back, so it counts twice; its conv state (a ring,
+    `decode_kernels.conv_step`) has d_conv - 1 taps read and one written, so it counts once."""
     state = model.allocate_decode_state(1, context, device="cpu")
     total = 0
     for layer in state.layers:
         for name, tensor in layer.items():
-            moved = 2 if name in ("conv_state", "ssm_state") else 1
+            moved = 2 if name == "ssm_state" else 1
             total += moved * tensor.numel() * tensor.element_size()
     return total
 

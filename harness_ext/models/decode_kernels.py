@@ -47,12 +47,25 @@ def _pow2(n: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# depthwise causal conv, one token: conv_state [b, c, K] (newest last) <- shift + x; out = act(sum w*state + bias)
+# depthwise causal conv, one token: out = act(sum_k w[k] * window[k] + bias), window = the state's last K - 1
+# inputs, then x. conv_state [b, c, K] holds the last K inputs, in one of two orders:
+#   linear (positions=None): oldest .. newest; the step shifts the window one tap left (mamba_ssm's convention,
+#       what HF generate's cache holds)
+#   ring (positions [b] = inputs seen so far): input t at tap t % K; the step writes x's tap only. The decode
+#       engine's order: a quarter of the shifted state's writes, and no read of the tap being dropped.
 
 
-def conv_step_ref(conv_state, x, weight, bias=None, silu=False):
-    conv_state.copy_(torch.cat([conv_state[:, :, 1:], x.unsqueeze(-1).to(conv_state.dtype)], dim=-1))
-    out = (conv_state.float() * weight.float()).sum(-1)
+def conv_step_ref(conv_state, x, weight, bias=None, silu=False, positions=None):
+    if positions is None:
+        conv_state.copy_(torch.cat([conv_state[:, :, 1:], x.unsqueeze(-1).to(conv_state.dtype)], dim=-1))
+        window = conv_state
+    else:
+        batch, channels, width = conv_state.shape
+        taps = ring_taps(positions, width)
+        conv_state.scatter_(2, taps[:, -1:].view(batch, 1, 1).expand(batch, channels, 1),
+                            x.unsqueeze(-1).to(conv_state.dtype))
+        window = conv_state.gather(2, taps.view(batch, 1, width).expand(batch, channels, width))
+    out = (window.float() * weight.float()).sum(-1)
     if bias is not None:
         out = out + bias.float()
     if silu:
@@ -60,45 +73,83 @@ def conv_step_ref(conv_state, x, weight, bias=None, silu=False):
     return out.to(x.dtype)
 
 
+def ring_taps(positions, width):
+    """[b, width]: the tap of each window slot, oldest first, for rows that have seen `positions` inputs; the
+    last is where the new input goes."""
+    return (positions.long().view(-1, 1) + 1 + torch.arange(width, device=positions.device)) % width
+
+
+def ring_from_linear(conv_state, lengths):
+    """Linear-order conv states [n, c, K] of rows that have seen `lengths` inputs -> the ring order."""
+    n, channels, width = conv_state.shape
+    source = (torch.arange(width, device=conv_state.device) - lengths.long().view(-1, 1)) % width
+    return conv_state.gather(2, source.view(n, 1, width).expand(n, channels, width))
+
+
 if triton is not None:
     @triton.jit
-    def _conv_step_kernel(state_ptr, x_ptr, w_ptr, bias_ptr, out_ptr, channels,
+    def _conv_channels(state_ptr, xin_ptr, w_ptr, bias_ptr, cout_ptr, pos_ptr, row, c_lo, count,
+                       stride_state_b, stride_state_c, stride_state_k, stride_xin_b, stride_cout_b,
+                       WIDTH: tl.constexpr, WIDTH_P2: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                       RING: tl.constexpr, BLOCK_C: tl.constexpr):
+        """`conv_step_ref` for channels [c_lo, c_lo + count) of one row."""
+        k = tl.arange(0, WIDTH_P2)
+        if RING:
+            pos = tl.load(pos_ptr + row)
+            taps = (pos + 1 + k) % WIDTH
+            newest = pos % WIDTH
+        else:
+            taps = k + 1
+        for c0 in range(0, count, BLOCK_C):
+            local = c0 + tl.arange(0, BLOCK_C)
+            c = c_lo + local
+            c_ok = local < count
+            state_ptrs = state_ptr + row * stride_state_b + c[:, None] * stride_state_c
+            # every load happens before the store (linear order: it overlaps the loaded taps)
+            kept = tl.load(state_ptrs + taps[None, :] * stride_state_k,
+                           mask=c_ok[:, None] & (k[None, :] + 1 < WIDTH), other=0.0)
+            x = tl.load(xin_ptr + row * stride_xin_b + c, mask=c_ok, other=0.0)
+            window = tl.where(k[None, :] == WIDTH - 1, x.to(kept.dtype)[:, None], kept)
+            w = tl.load(w_ptr + c[:, None] * WIDTH + k[None, :], mask=c_ok[:, None] & (k[None, :] < WIDTH), other=0.0)
+            acc = tl.sum(window.to(tl.float32) * w.to(tl.float32), axis=1)
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+            if SILU:
+                acc = acc * tl.sigmoid(acc)
+            if RING:
+                tl.store(state_ptr + row * stride_state_b + c * stride_state_c + newest * stride_state_k,
+                         x.to(kept.dtype), mask=c_ok)
+            else:
+                tl.store(state_ptrs + k[None, :] * stride_state_k, window, mask=c_ok[:, None] & (k[None, :] < WIDTH))
+            tl.store(cout_ptr + row * stride_cout_b + c, acc.to(cout_ptr.dtype.element_ty), mask=c_ok)
+
+    @triton.jit
+    def _conv_step_kernel(state_ptr, x_ptr, w_ptr, bias_ptr, out_ptr, pos_ptr, channels,
                           stride_state_b, stride_state_c, stride_state_k, stride_x_b, stride_out_b,
                           WIDTH: tl.constexpr, WIDTH_P2: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                          BLOCK_C: tl.constexpr):
-        row = tl.program_id(0)
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        k = tl.arange(0, WIDTH_P2)
-        c_ok = c < channels
-        state_ptrs = state_ptr + row * stride_state_b + c[:, None] * stride_state_c
-        # every load happens before the (overlapping) store of the shifted window
-        shifted = tl.load(state_ptrs + (k[None, :] + 1) * stride_state_k,
-                          mask=c_ok[:, None] & (k[None, :] + 1 < WIDTH), other=0.0)
-        x = tl.load(x_ptr + row * stride_x_b + c, mask=c_ok, other=0.0)
-        window = tl.where(k[None, :] == WIDTH - 1, x.to(shifted.dtype)[:, None], shifted)
-        w = tl.load(w_ptr + c[:, None] * WIDTH + k[None, :], mask=c_ok[:, None] & (k[None, :] < WIDTH), other=0.0)
-        acc = tl.sum(window.to(tl.float32) * w.to(tl.float32), axis=1)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        if SILU:
-            acc = acc * tl.sigmoid(acc)
-        tl.store(state_ptrs + k[None, :] * stride_state_k, window, mask=c_ok[:, None] & (k[None, :] < WIDTH))
-        tl.store(out_ptr + row * stride_out_b + c, acc.to(out_ptr.dtype.element_ty), mask=c_ok)
+                          RING: tl.constexpr, BLOCK_C: tl.constexpr):
+        c_lo = tl.program_id(1) * BLOCK_C
+        _conv_channels(state_ptr, x_ptr, w_ptr, bias_ptr, out_ptr, pos_ptr, tl.program_id(0), c_lo,
+                       tl.minimum(channels - c_lo, BLOCK_C), stride_state_b, stride_state_c, stride_state_k,
+                       stride_x_b, stride_out_b, WIDTH, WIDTH_P2, HAS_BIAS, SILU, RING, BLOCK_C)
 
 
-def conv_step(conv_state, x, weight, bias=None, silu=False):
-    """x [b, c] (last dim contiguous; may be a column slice), weight [c, K] contiguous; state updated in place."""
+def conv_step(conv_state, x, weight, bias=None, silu=False, positions=None):
+    """x [b, c] (last dim contiguous; may be a column slice), weight [c, K] contiguous; state updated in place
+    (any strides; positions: see the orders above)."""
     if not fast_decode_enabled(x):
-        return conv_step_ref(conv_state, x, weight, bias, silu)
+        return conv_step_ref(conv_state, x, weight, bias, silu, positions)
     batch, channels = x.shape
     width = weight.shape[-1]
     assert x.stride(-1) == 1 and weight.is_contiguous() and conv_state.shape == (batch, channels, width)
     out = torch.empty(batch, channels, device=x.device, dtype=x.dtype)
     block = 128
     _conv_step_kernel[(batch, triton.cdiv(channels, block))](
-        conv_state, x, weight, bias if bias is not None else weight, out, channels,
+        conv_state, x, weight, bias if bias is not None else weight, out,
+        positions if positions is not None else weight, channels,
         conv_state.stride(0), conv_state.stride(1), conv_state.stride(2), x.stride(0), out.stride(0),
-        WIDTH=width, WIDTH_P2=_pow2(width), HAS_BIAS=bias is not None, SILU=silu, BLOCK_C=block, num_warps=4)
+        WIDTH=width, WIDTH_P2=_pow2(width), HAS_BIAS=bias is not None, SILU=silu, RING=positions is not None,
+        BLOCK_C=block, num_warps=4)
     return out
 
 
@@ -238,18 +289,19 @@ def ssm_step(state, x, dt, A_log, B, C, D=None, z=None, dt_bias=None, z_bias=Non
 # A program owns one row and `heads_per_prog` consecutive heads, chosen so that every x head, B group and C group
 # those heads read belongs to this program alone: heads_per_prog = the largest of the x / B / C repeat factors
 # (Llamba: B/C groups; MambaInLlama: x/B at KV width), and each factor must divide it. The program first runs
-# the conv for exactly those channels (conv state shifted in place, output rounded to the input dtype into a
+# the conv for exactly those channels (conv state updated in place, output rounded to the input dtype into a
 # scratch row, as `conv_step` does), then, after a barrier (other threads of the program wrote that scratch), the
 # SSM recurrence of its heads over whole [headdim, dstate] tiles. No other program reads those conv channels, so
-# the in-place shift cannot race with a reader of the old window.
+# the in-place update cannot race with a reader of the old window.
 
 
 def conv_ssm_step_ref(conv_state, xBC, conv_weight, conv_bias, conv_silu, ssm_state, x_heads, b_groups, dt, A_log,
-                      D=None, z=None, dt_bias=None, z_bias=None, dt_softplus=True, discrete=False):
+                      D=None, z=None, dt_bias=None, z_bias=None, dt_softplus=True, discrete=False, positions=None):
     """`conv_step` on xBC [b, conv_dim] (channels x, B, C), then `ssm_step` with x at `x_heads` heads of headdim,
     B at `b_groups` groups and C at the remaining (conv_dim - x - B) / d_state groups. Returns y [b, h, p]."""
     return _conv_then_ssm(conv_step_ref, ssm_step_ref, conv_state, xBC, conv_weight, conv_bias, conv_silu,
-                          ssm_state, x_heads, b_groups, dt, A_log, D, z, dt_bias, z_bias, dt_softplus, discrete)
+                          ssm_state, x_heads, b_groups, dt, A_log, D, z, dt_bias, z_bias, dt_softplus, discrete,
+                          positions)
 
 
 def _xbc_split(xBC, ssm_state, x_heads, b_groups):
@@ -264,43 +316,17 @@ def _xbc_split(xBC, ssm_state, x_heads, b_groups):
 
 
 def _conv_then_ssm(conv_fn, ssm_fn, conv_state, xBC, conv_weight, conv_bias, conv_silu, ssm_state, x_heads, b_groups,
-                   dt, A_log, D, z, dt_bias, z_bias, dt_softplus, discrete):
+                   dt, A_log, D, z, dt_bias, z_bias, dt_softplus, discrete, positions):
     batch, _, headdim, dstate = ssm_state.shape
     d_x, d_b, d_c, c_groups = _xbc_split(xBC, ssm_state, x_heads, b_groups)
-    x, B, C = conv_fn(conv_state, xBC, conv_weight, conv_bias, conv_silu).split([d_x, d_b, d_c], dim=-1)
+    x, B, C = conv_fn(conv_state, xBC, conv_weight, conv_bias, conv_silu, positions).split([d_x, d_b, d_c], dim=-1)
     return ssm_fn(ssm_state, x.view(batch, x_heads, headdim), dt, A_log, B.view(batch, b_groups, dstate),
                   C.view(batch, c_groups, dstate), D, z, dt_bias, z_bias, dt_softplus, discrete)
 
 
 if triton is not None:
     @triton.jit
-    def _conv_channels(state_ptr, xin_ptr, w_ptr, bias_ptr, cout_ptr, row, c_lo, count,
-                       stride_state_b, stride_state_c, stride_state_k, stride_xin_b, stride_cout_b,
-                       WIDTH: tl.constexpr, WIDTH_P2: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                       BLOCK_C: tl.constexpr):
-        """`_conv_step_kernel`'s body for channels [c_lo, c_lo + count) of one row."""
-        k = tl.arange(0, WIDTH_P2)
-        for c0 in range(0, count, BLOCK_C):
-            local = c0 + tl.arange(0, BLOCK_C)
-            c = c_lo + local
-            c_ok = local < count
-            state_ptrs = state_ptr + row * stride_state_b + c[:, None] * stride_state_c
-            # every load happens before the (overlapping) store of the shifted window
-            shifted = tl.load(state_ptrs + (k[None, :] + 1) * stride_state_k,
-                              mask=c_ok[:, None] & (k[None, :] + 1 < WIDTH), other=0.0)
-            x = tl.load(xin_ptr + row * stride_xin_b + c, mask=c_ok, other=0.0)
-            window = tl.where(k[None, :] == WIDTH - 1, x.to(shifted.dtype)[:, None], shifted)
-            w = tl.load(w_ptr + c[:, None] * WIDTH + k[None, :], mask=c_ok[:, None] & (k[None, :] < WIDTH), other=0.0)
-            acc = tl.sum(window.to(tl.float32) * w.to(tl.float32), axis=1)
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-            if SILU:
-                acc = acc * tl.sigmoid(acc)
-            tl.store(state_ptrs + k[None, :] * stride_state_k, window, mask=c_ok[:, None] & (k[None, :] < WIDTH))
-            tl.store(cout_ptr + row * stride_cout_b + c, acc.to(cout_ptr.dtype.element_ty), mask=c_ok)
-
-    @triton.jit
-    def _conv_ssm_step_kernel(conv_state_ptr, xin_ptr, conv_w_ptr, conv_bias_ptr, cout_ptr,
+    def _conv_ssm_step_kernel(conv_state_ptr, xin_ptr, conv_w_ptr, conv_bias_ptr, cout_ptr, pos_ptr,
                               state_ptr, dt_ptr, dt_bias_ptr, A_log_ptr, D_ptr, z_ptr, z_bias_ptr, out_ptr,
                               headdim, dstate, heads_per_prog, x_rep, b_rep, c_rep, d_x, d_b,
                               stride_cs_b, stride_cs_c, stride_cs_k, stride_xin_b, stride_cout_b,
@@ -309,23 +335,23 @@ if triton is not None:
                               WIDTH: tl.constexpr, WIDTH_P2: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
                               CONV_SILU: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr,
                               DISCRETE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-                              HAS_Z_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                              BLOCK_N: tl.constexpr):
+                              HAS_Z_BIAS: tl.constexpr, RING: tl.constexpr, BLOCK_C: tl.constexpr,
+                              BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
         row = tl.program_id(0)
         h0 = tl.program_id(1) * heads_per_prog
         # 1. conv over the channels only this program reads: its x heads, B groups, C groups
-        _conv_channels(conv_state_ptr, xin_ptr, conv_w_ptr, conv_bias_ptr, cout_ptr, row,
+        _conv_channels(conv_state_ptr, xin_ptr, conv_w_ptr, conv_bias_ptr, cout_ptr, pos_ptr, row,
                        (h0 // x_rep) * headdim, (heads_per_prog // x_rep) * headdim,
                        stride_cs_b, stride_cs_c, stride_cs_k, stride_xin_b, stride_cout_b,
-                       WIDTH, WIDTH_P2, HAS_CONV_BIAS, CONV_SILU, BLOCK_C)
-        _conv_channels(conv_state_ptr, xin_ptr, conv_w_ptr, conv_bias_ptr, cout_ptr, row,
+                       WIDTH, WIDTH_P2, HAS_CONV_BIAS, CONV_SILU, RING, BLOCK_C)
+        _conv_channels(conv_state_ptr, xin_ptr, conv_w_ptr, conv_bias_ptr, cout_ptr, pos_ptr, row,
                        d_x + (h0 // b_rep) * dstate, (heads_per_prog // b_rep) * dstate,
                        stride_cs_b, stride_cs_c, stride_cs_k, stride_xin_b, stride_cout_b,
-                       WIDTH, WIDTH_P2, HAS_CONV_BIAS, CONV_SILU, BLOCK_C)
-        _conv_channels(conv_state_ptr, xin_ptr, conv_w_ptr, conv_bias_ptr, cout_ptr, row,
+                       WIDTH, WIDTH_P2, HAS_CONV_BIAS, CONV_SILU, RING, BLOCK_C)
+        _conv_channels(conv_state_ptr, xin_ptr, conv_w_ptr, conv_bias_ptr, cout_ptr, pos_ptr, row,
                        d_x + d_b + (h0 // c_rep) * dstate, (heads_per_prog // c_rep) * dstate,
                        stride_cs_b, stride_cs_c, stride_cs_k, stride_xin_b, stride_cout_b,
-                       WIDTH, WIDTH_P2, HAS_CONV_BIAS, CONV_SILU, BLOCK_C)
+                       WIDTH, WIDTH_P2, HAS_CONV_BIAS, CONV_SILU, RING, BLOCK_C)
         # the SSM below reads conv outputs other threads of this program just wrote
         tl.debug_barrier()
         # 2. the SSM step of each head: `_ssm_step_kernel`'s body over a whole [headdim, dstate] tile
@@ -359,20 +385,20 @@ def use_fused_conv_ssm() -> bool:
 
 
 def conv_ssm_step(conv_state, xBC, conv_weight, conv_bias, conv_silu, ssm_state, x_heads, b_groups, dt, A_log,
-                  D=None, z=None, dt_bias=None, z_bias=None, dt_softplus=True, discrete=False):
+                  D=None, z=None, dt_bias=None, z_bias=None, dt_softplus=True, discrete=False, positions=None):
     """`conv_ssm_step_ref`'s contract in one kernel (two, `conv_step` + `ssm_step`, where the head layout does
     not split into disjoint programs or `THINKFAST_DECODE_CONV=separate`). xBC, dt and z may be column views of
     the in_proj output (last dim contiguous); conv_weight [conv_dim, d_conv] contiguous; states updated in place."""
     if not fast_decode_enabled(xBC):
         return conv_ssm_step_ref(conv_state, xBC, conv_weight, conv_bias, conv_silu, ssm_state, x_heads, b_groups,
-                                 dt, A_log, D, z, dt_bias, z_bias, dt_softplus, discrete)
+                                 dt, A_log, D, z, dt_bias, z_bias, dt_softplus, discrete, positions)
     batch, nheads, headdim, dstate = ssm_state.shape
     d_x, d_b, _, c_groups = _xbc_split(xBC, ssm_state, x_heads, b_groups)
     reps = (nheads // x_heads, nheads // b_groups, nheads // c_groups)
     heads_per_prog = max(reps)
     if not use_fused_conv_ssm() or _CONV_SSM_BROKEN or any(heads_per_prog % r for r in reps):
         return _conv_then_ssm(conv_step, ssm_step, conv_state, xBC, conv_weight, conv_bias, conv_silu, ssm_state,
-                              x_heads, b_groups, dt, A_log, D, z, dt_bias, z_bias, dt_softplus, discrete)
+                              x_heads, b_groups, dt, A_log, D, z, dt_bias, z_bias, dt_softplus, discrete, positions)
     for name, t in (("xBC", xBC), ("dt", dt), ("z", z)):
         if t is not None and t.stride(-1) != 1:
             raise ValueError(f"conv_ssm_step: {name} needs a contiguous last dimension")
@@ -385,7 +411,8 @@ def conv_ssm_step(conv_state, xBC, conv_weight, conv_bias, conv_silu, ssm_state,
     # so the two-kernel path can take over
     try:
         _launch_conv_ssm(conv_state, xBC, conv_weight, conv_bias, conv_silu, conv_out, ssm_state, dt, A_log, D, z,
-                         dt_bias, z_bias, dt_softplus, discrete, out, heads_per_prog, reps, d_x, d_b, width, dummy)
+                         dt_bias, z_bias, dt_softplus, discrete, out, heads_per_prog, reps, d_x, d_b, width, dummy,
+                         positions)
     except Exception as err:  # noqa: BLE001
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise
@@ -394,7 +421,7 @@ def conv_ssm_step(conv_state, xBC, conv_weight, conv_bias, conv_silu, ssm_state,
         _CONV_SSM_BROKEN.append(repr(err))
         warnings.warn(f"fused conv + SSM step failed ({str(err)[:300]}); two kernels from now on")
         return _conv_then_ssm(conv_step, ssm_step, conv_state, xBC, conv_weight, conv_bias, conv_silu, ssm_state,
-                              x_heads, b_groups, dt, A_log, D, z, dt_bias, z_bias, dt_softplus, discrete)
+                              x_heads, b_groups, dt, A_log, D, z, dt_bias, z_bias, dt_softplus, discrete, positions)
     return out
 
 
@@ -402,20 +429,21 @@ _CONV_SSM_BROKEN: list[str] = []
 
 
 def _launch_conv_ssm(conv_state, xBC, conv_weight, conv_bias, conv_silu, conv_out, ssm_state, dt, A_log, D, z,
-                     dt_bias, z_bias, dt_softplus, discrete, out, heads_per_prog, reps, d_x, d_b, width, dummy):
+                     dt_bias, z_bias, dt_softplus, discrete, out, heads_per_prog, reps, d_x, d_b, width, dummy,
+                     positions):
     batch, nheads, headdim, dstate = ssm_state.shape
     _conv_ssm_step_kernel[(batch, nheads // heads_per_prog)](
         conv_state, xBC, conv_weight, conv_bias if conv_bias is not None else conv_weight, conv_out,
-        ssm_state, dt, dt_bias if dt_bias is not None else dummy, A_log, D if D is not None else dummy,
-        z if z is not None else xBC, z_bias if z_bias is not None else dummy, out,
+        positions if positions is not None else dummy, ssm_state, dt, dt_bias if dt_bias is not None else dummy,
+        A_log, D if D is not None else dummy, z if z is not None else xBC, z_bias if z_bias is not None else dummy, out,
         headdim, dstate, heads_per_prog, reps[0], reps[1], reps[2], d_x, d_b,
         conv_state.stride(0), conv_state.stride(1), conv_state.stride(2), xBC.stride(0), conv_out.stride(0),
         ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), ssm_state.stride(3),
         dt.stride(0), z.stride(0) if z is not None else 0, out.stride(0),
         WIDTH=width, WIDTH_P2=_pow2(width), HAS_CONV_BIAS=conv_bias is not None, CONV_SILU=conv_silu,
         HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, DISCRETE=discrete, HAS_D=D is not None,
-        HAS_Z=z is not None, HAS_Z_BIAS=z_bias is not None, BLOCK_C=CONV_SSM_STEP_CONFIG["block_c"],
-        BLOCK_P=_pow2(headdim), BLOCK_N=_pow2(dstate), num_warps=CONV_SSM_STEP_CONFIG["num_warps"])
+        HAS_Z=z is not None, HAS_Z_BIAS=z_bias is not None, RING=positions is not None,
+        BLOCK_C=CONV_SSM_STEP_CONFIG["block_c"],        BLOCK_P=_pow2(headdim), BLOCK_N=_pow2(dstate), num_warps=CONV_SSM_STEP_CONFIG["num_warps"])
 
 
 # --------------------------------------------------------------------------------------------------

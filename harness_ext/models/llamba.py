@@ -141,7 +141,7 @@ class DiscreteMamba2(SSMMixerBase):
 
     def step(self, hidden, layer_state, ctx=None):
         xBC, z, dt = self._split_in_proj(self.in_proj(hidden))
-        x, B, C = self._heads(self._conv_step(xBC, layer_state))
+        x, B, C = self._heads(self._conv_step(xBC, layer_state, ctx))
         x_scaled, dt = ssd_decode.discrete_scan_inputs_ref(x, dt)
         y = ssd.ssd_step(layer_state["ssm_state"], x_scaled, dt, self._A(), B, C)
         return self.out_proj(ssd_decode.skip_gate_ref(y, x, self.D, z, self.z_bias))
@@ -152,7 +152,7 @@ class DiscreteMamba2(SSMMixerBase):
         weight, bias = fused_linear_weight(self, "in_proj", [self.in_proj], pad_to=64)
         xBC, z, dt = self._split_in_proj(F.linear(hidden, weight, bias)[:, :self.in_proj.out_features])
         xBC = ssd_decode.conv_step(layer_state["conv_state"], xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                                   silu=self.conv_activation == "silu")
+                                   silu=self.conv_activation == "silu", positions=ctx.decode_state.seqlens)
         x, B, C = torch.split(xBC, [self.d_inner, self.n_qk_heads * self.d_state, self.n_qk_heads * self.d_state], dim=-1)
         y = ssd_decode.ssm_step(layer_state["ssm_state"], x.view(batch, self.nheads, self.headdim), dt, self.A_log,
                                 B.view(batch, self.n_qk_heads, self.d_state), C.view(batch, self.n_qk_heads, self.d_state),

@@ -126,7 +126,7 @@ class MambaInLlamaMixer(SSMMixerBase):
     def step(self, hidden, layer_state, ctx=None):
         """hidden [B, hidden]; conv/SSM state in `layer_state` updated in place; returns [B, hidden]."""
         z, xBC, dt = self._split_in_proj(self.in_proj(hidden))
-        x, B, C = self._heads(self._conv_step(xBC, layer_state))
+        x, B, C = self._heads(self._conv_step(xBC, layer_state, ctx))
         y = ssd.ssd_step(layer_state["ssm_state"], x, dt, self._A(), B, C, D=self.D, dt_bias=self.dt_bias,
                          dt_softplus=True)
         return self._out(y.flatten(-2), z)
@@ -138,7 +138,7 @@ class MambaInLlamaMixer(SSMMixerBase):
         weight, _ = fused_linear_weight(self, "in_proj", [self.in_proj], pad_to=64)
         z, xBC, dt = self._split_in_proj(F.linear(hidden, weight)[:, :self.in_proj.out_features])
         xBC = ssd_decode.conv_step(layer_state["conv_state"], xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                                   silu=True)
+                                   silu=True, positions=ctx.decode_state.seqlens)
         x, B, C = torch.split(xBC, [self.d_xb, self.d_xb, self.d_inner], dim=-1)
         y = ssd_decode.ssm_step(layer_state["ssm_state"], x.view(batch, self.n_kv_heads, self.headdim), dt,
                                 self.A_log, B.view(batch, self.n_kv_heads, self.d_state),

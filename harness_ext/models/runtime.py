@@ -82,7 +82,7 @@ class DecodeState:
     """Static, preallocated decoding state (gpt-fast style).
 
     `layers[i]` is `{"conv_state": [B, conv_dim, d_conv], "ssm_state": [B, nheads, headdim, d_state]}` for a
-    Mamba layer or `{"k_cache": [B, n_kv_heads, max_seqlen, head_dim], "v_cache": ...}` for an attention layer;
+    Mamba layer (the conv state in ring order: a slot's input t at tap t % d_conv, `decode_kernels.conv_step`) or `{"k_cache": [B, n_kv_heads, max_seqlen, head_dim], "v_cache": ...}` for an attention layer;
     `seqlens [B] int32` counts the tokens each slot holds.
     """
 
@@ -581,14 +581,16 @@ class SSMMixerBase(nn.Module):
             return self.step(hidden[:, 0], layer, ctx).unsqueeze(1)
         return self.mix(hidden, ctx)
 
-    def _conv_step(self, xBC, layer_state):
+    def _conv_step(self, xBC, layer_state, ctx: ForwardContext | None = None):
+        if ctx is not None and ctx.decode_state is not None:     # the decode engine's state: ring order
+            return dk.conv_step_ref(layer_state["conv_state"], xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                    self.conv_activation in ("silu", "swish"), positions=ctx.decode_state.seqlens)
         return ssd.causal_conv1d_step(layer_state["conv_state"], xBC, self.conv1d.weight.squeeze(1),
                                       self.conv1d.bias, activation=self.conv_activation)
 
     def allocate_state(self, batch_size, max_seqlen, device, dtype):
-        # [B, conv_dim, d_conv] stored tap-major: the decode step shifts the window one tap left, and along
-        # contiguous channels those loads and stores are whole aligned vectors (channel-major, every row is a
-        # misaligned 3-of-4 element load)
+        # [B, conv_dim, d_conv] in ring order (`decode_kernels.conv_step`), stored tap-major: the step reads and
+        # writes whole taps, which are contiguous channels
         conv_state = torch.zeros(batch_size, self.d_conv, self.conv_dim, device=device, dtype=dtype).transpose(1, 2)
         return {"conv_state": conv_state,
                 "ssm_state": torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
@@ -844,6 +846,7 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
                 target["v_cache"][token_slots, :, token_pos] = v[0].transpose(0, 1).to(target["v_cache"].dtype)
             else:
                 conv_state, ssm_state = ctx.prefill_states[idx]
+                conv_state = dk.ring_from_linear(conv_state, lens)
                 target["conv_state"].index_copy_(0, slots, conv_state.to(target["conv_state"].dtype))
                 target["ssm_state"].index_copy_(0, slots, ssm_state.to(target["ssm_state"].dtype))
         state.seqlens.index_copy_(0, slots, lens.to(torch.int32).to(state.seqlens.device))
@@ -932,7 +935,8 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
             if layer.is_attention or not fused_conv_ssm:
                 mix = functools.partial(layer.token_mixer.step_fast, layer_state=layer_state, ctx=ctx)
             else:
-                mix = functools.partial(_ssm_mixer_step_fused, layer.token_mixer, layer_state=layer_state)
+                mix = functools.partial(_ssm_mixer_step_fused, layer.token_mixer, layer_state=layer_state,
+                                        positions=state.seqlens)
             hidden, residual = _layer_fast(layer, hidden, residual, mix)
         normed, _ = dk.add_rms_norm(hidden, residual, self.model.norm.weight, self.model.norm.variance_epsilon)
         logits = self.lm_head(normed)
@@ -962,7 +966,7 @@ def _mlp_fast(mlp, normed):
     return mlp.down_proj(act)
 
 
-def _ssm_mixer_step_fused(mixer, hidden, layer_state):
+def _ssm_mixer_step_fused(mixer, hidden, layer_state, positions):
     """The mixers' `step_fast` with the conv and the SSM step in one kernel (`decode_kernels.conv_ssm_step`):
     in_proj GEMM, conv + SSM, (MambaInLlama: gated RMSNorm), out_proj GEMM. Both mixer types, told apart by
     Llamba's `z_bias`; their tensor layouts are DESIGN.md's. `THINKFAST_DECODE_CONV=separate` runs their own
@@ -976,12 +980,12 @@ def _ssm_mixer_step_fused(mixer, hidden, layer_state):
         y = dk.conv_ssm_step(layer_state["conv_state"], xBC, conv_weight, mixer.conv1d.bias,
                              mixer.conv_activation == "silu", layer_state["ssm_state"], mixer.nheads,
                              mixer.n_qk_heads, dt, mixer.A_log, D=mixer.D, z=z, z_bias=mixer.z_bias,
-                             dt_softplus=True, discrete=True)
+                             dt_softplus=True, discrete=True, positions=positions)
         return F.linear(y.view(batch, mixer.d_inner), mixer.out_proj.weight, mixer.out_proj.bias)
     z, xBC, dt = mixer._split_in_proj(projected)  # MambaInLlama: rows z, x, B, C, dt; x/B at KV width
     y = dk.conv_ssm_step(layer_state["conv_state"], xBC, conv_weight, mixer.conv1d.bias, True,
                          layer_state["ssm_state"], mixer.n_kv_heads, mixer.n_kv_heads, dt, mixer.A_log, D=mixer.D,
-                         dt_bias=mixer.dt_bias, dt_softplus=True)
+                         dt_bias=mixer.dt_bias, dt_softplus=True, positions=positions)
     gated_norm = ssd.gated_rmsnorm if y.is_cuda else ssd.gated_rmsnorm_ref
     y = gated_norm(y.view(batch, mixer.d_inner), z, mixer.norm.weight, eps=mixer.norm_eps,
                    group_size=mixer.norm_group_size)
