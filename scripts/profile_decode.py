@@ -422,7 +422,7 @@ def sweep_ssm(batch, device, dtype, state_dtype=torch.float32, layers=30):
 
     try:
         for block_p in (8, 16, 32, 64):
-            for warps in (1, 2, 4, 8):
+            for warps in (2, 4, 8):
                 table.update(block_p=block_p, num_warps=warps)
                 ms = time_fn(step, device, iters=20) / layers
                 rows.append({"block_p": block_p, "num_warps": warps, "ms": ms, "GBps": moved / ms / 1e6,
@@ -450,6 +450,32 @@ def sweep_gemm(batch, device, dtype, layers=30, hidden=576, intermediate=1536, i
         moved = (k * n + batch * (k + n)) * x.element_size()
         rows.append({"gemm": name, "batch": batch, "k": k, "n": n, "ms_linear": ms_tn, "ms_mm_nn": ms_nn,
                      "GBps_linear": moved / ms_tn / 1e6, "TFLOPs_linear": 2 * batch * k * n / ms_tn / 1e9})
+    return rows
+
+
+def sweep_conv(batch, device, dtype, layers=30, channels=(1728, 960)):
+    """The decode conv step alone (engine order: ring, tap-major state) per `CONV_STEP_CONFIG`, at Llamba's and
+    MambaInLlama-50%'s conv widths, `layers` distinct states per step as a step runs them: ms per call and GB/s
+    (d_conv - 1 taps read, one written, x read, output written)."""
+    rows = []
+    saved = dict(dk.CONV_STEP_CONFIG)
+    try:
+        for width in channels:
+            states = [torch.randn(batch, 4, width, device=device, dtype=dtype).transpose(1, 2) for _ in range(layers)]
+            x = torch.randn(batch, width, device=device, dtype=dtype)
+            w, bias = torch.randn(width, 4, device=device, dtype=dtype), torch.randn(width, device=device, dtype=dtype)
+            positions = torch.arange(batch, device=device, dtype=torch.int32) + 512
+            moved = (4 + 2) * batch * width * x.element_size()
+            for block_c in (128, 256, 512, 1024):
+                for warps in (2, 4, 8):
+                    dk.CONV_STEP_CONFIG.update(block_c=block_c, num_warps=warps)
+                    ms = time_fn(lambda: [dk.conv_step(st, x, w, bias, True, positions) for st in states], device,
+                                 iters=20) / layers
+                    rows.append({"channels": width, "batch": batch, "block_c": block_c, "num_warps": warps, "ms": ms,
+                                 "GBps": moved / ms / 1e6})
+    finally:
+        dk.CONV_STEP_CONFIG.clear()
+        dk.CONV_STEP_CONFIG.update(saved)
     return rows
 
 
@@ -593,6 +619,7 @@ def main(argv=None):
     parser.add_argument("--kernels", action="store_true", help="torch.profiler kernel table per model")
     parser.add_argument("--sweep-ssm", action="store_true",
                         help="SSM-step tile sweep at --batch, fp32 and bf16 states, 30 distinct states per step")
+    parser.add_argument("--sweep-conv", action="store_true", help="conv step alone per block size / warps")
     parser.add_argument("--sweep-gemm", action="store_true", help="decode GEMMs at --batch: F.linear vs NN mm")
     parser.add_argument("--sweep-attn", action="store_true",
                         help="flash-decoding tile/launch sweep at batch --batch and 1024, --context keys per slot")
@@ -688,6 +715,8 @@ def main(argv=None):
         report["ssm_sweep"] = [row for state_dtype in (torch.float32, torch.bfloat16)
                                for row in sweep_ssm(args.batch, device, dtype, state_dtype,
                                                     layers=min(args.layers, 30))]
+    if args.sweep_conv:
+        report["conv_sweep"] = sweep_conv(args.batch, device, dtype, layers=min(args.layers, 30))
     if args.sweep_gemm:
         report["gemm_sweep"] = sweep_gemm(args.batch, device, dtype, layers=min(args.layers, 30))
         if device.type == "cuda":
@@ -734,6 +763,12 @@ def main(argv=None):
         for r in report["ssm_sweep"]:
             print(f"  {r['state_dtype']:8s} block_p {r['block_p']:3d} warps {r['num_warps']}: {r['ms']:.4f} ms "
                   f"{r['GBps']:6.0f} GB/s")
+    if args.sweep_conv:
+        print(f"\nconv step alone at batch {args.batch} (ring, distinct states; default {dk.CONV_STEP_CONFIG}):")
+        for width in sorted({r["channels"] for r in report["conv_sweep"]}):
+            for r in sorted((r for r in report["conv_sweep"] if r["channels"] == width), key=lambda r: r["ms"])[:6]:
+                print(f"  {width:5d} channels block {r['block_c']:4d} warps {r['num_warps']}: {r['ms'] * 1e3:.2f} us "
+                      f"{r['GBps']:6.0f} GB/s")
     if args.sweep_gemm:
         print(f"\ndecode GEMMs at batch {args.batch} (ms per call, distinct weights):")
         for r in report["gemm_sweep"]:

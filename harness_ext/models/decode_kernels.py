@@ -143,14 +143,17 @@ def conv_step(conv_state, x, weight, bias=None, silu=False, positions=None):
     width = weight.shape[-1]
     assert x.stride(-1) == 1 and weight.is_contiguous() and conv_state.shape == (batch, channels, width)
     out = torch.empty(batch, channels, device=x.device, dtype=x.dtype)
-    block = 128
+    block = CONV_STEP_CONFIG["block_c"]
     _conv_step_kernel[(batch, triton.cdiv(channels, block))](
         conv_state, x, weight, bias if bias is not None else weight, out,
         positions if positions is not None else weight, channels,
         conv_state.stride(0), conv_state.stride(1), conv_state.stride(2), x.stride(0), out.stride(0),
         WIDTH=width, WIDTH_P2=_pow2(width), HAS_BIAS=bias is not None, SILU=silu, RING=positions is not None,
-        BLOCK_C=block, num_warps=4)
+        BLOCK_C=block, num_warps=CONV_STEP_CONFIG["num_warps"])
     return out
+
+
+CONV_STEP_CONFIG = {"block_c": 128, "num_warps": 4}      # scripts/profile_decode.py --sweep-conv
 
 
 # --------------------------------------------------------------------------------------------------
