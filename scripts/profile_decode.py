@@ -32,7 +32,9 @@ steps), the fused sampler vs its PyTorch twin (same tokens but for near-ties: GP
 exact; top-k/top-p draws inside the allowed set; empirical frequencies vs softmax), and varlen vs looped prefill;
 failures are printed (and in the JSON).
 --sweep-ssm times the SSM step alone for tile sizes, fp32 and bf16 states, each call on its own state as in a
-step, and prints GB/s (state read + write); --sweep-gemm times the step's GEMM shapes (F.linear vs NN mm).
+step, and prints GB/s (state read + write); --sweep-conv times the conv step alone (ring order) per block size and
+warps (`decode_kernels.CONV_STEP_CONFIG`); --sweep-gemm times the step's GEMM shapes (F.linear vs NN mm, and on CUDA
+a Triton GEMM candidate per tile config, plain and with the residual add + RMSNorm folded into its prologue).
 Writes profile_decode.json under --out.
 """
 from __future__ import annotations

@@ -348,6 +348,23 @@ def test_from_pretrained_and_generate_cli(tiny_checkpoints, capsys):
     assert [(r["prompt"], r["sample"]) for r in lines] == [(0, 0), (0, 1)]
 
 
+def test_floor_bytes_per_slot_count_ssm_state_twice_conv_ring_once():
+    """A decode step reads and writes back the SSM state; the ring-ordered conv state has d_conv - 1 taps read
+    and one written (once in all); an attention layer's K/V is read up to the context."""
+    from harness_ext.generation.bench import _slot_bytes
+    from test_models import tiny_mil
+    model = tiny_mil()
+    state = model.allocate_decode_state(1, 20, device="cpu")
+    expected = 0
+    for layer in state.layers:
+        if "ssm_state" in layer:
+            expected += 2 * layer["ssm_state"].nbytes + layer["conv_state"].numel() * layer["conv_state"].element_size()
+        else:
+            expected += (layer["k_cache"].nbytes + layer["v_cache"].nbytes) // 20 * 12
+    assert any("k_cache" in layer for layer in state.layers) and any("ssm_state" in layer for layer in state.layers)
+    assert _slot_bytes(model, 12) == expected
+
+
 def test_bench_smoke_writes_json_markdown_png(tiny_checkpoints, tmp_path):
     from harness_ext.cli import main
 

@@ -153,7 +153,7 @@ def conv_step(conv_state, x, weight, bias=None, silu=False, positions=None):
     return out
 
 
-CONV_STEP_CONFIG = {"block_c": 128, "num_warps": 4}      # scripts/profile_decode.py --sweep-conv
+CONV_STEP_CONFIG = {"block_c": 256, "num_warps": 4}      # scripts/profile_decode.py --sweep-conv (H100)
 
 
 # --------------------------------------------------------------------------------------------------
