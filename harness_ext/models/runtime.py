@@ -82,8 +82,9 @@ class DecodeState:
     """Static, preallocated decoding state (gpt-fast style).
 
     `layers[i]` is `{"conv_state": [B, conv_dim, d_conv], "ssm_state": [B, nheads, headdim, d_state]}` for a
-    Mamba layer (the conv state in ring order: a slot's input t at tap t % d_conv, `decode_kernels.conv_step`) or `{"k_cache": [B, n_kv_heads, max_seqlen, head_dim], "v_cache": ...}` for an attention layer;
-    `seqlens [B] int32` counts the tokens each slot holds.
+    Mamba layer or `{"k_cache": [B, n_kv_heads, max_seqlen, head_dim], "v_cache": ...}` for an attention layer;
+    `seqlens [B] int32` counts the tokens each slot holds. The conv state is a ring: a slot's input t sits at tap
+    t % d_conv (`decode_kernels.conv_step`).
     """
 
     def __init__(self, layers: list[dict[str, torch.Tensor]], seqlens: torch.Tensor, max_seqlen: int):
