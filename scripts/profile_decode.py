@@ -424,7 +424,7 @@ def sweep_ssm(batch, device, dtype, state_dtype=torch.float32, layers=30):
 
     try:
         for block_p in (8, 16, 32, 64):
-            for warps in (2, 4, 8):
+            for warps in (1, 2, 4, 8):
                 table.update(block_p=block_p, num_warps=warps)
                 ms = time_fn(step, device, iters=20) / layers
                 rows.append({"block_p": block_p, "num_warps": warps, "ms": ms, "GBps": moved / ms / 1e6,

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import harness_ext  # noqa: F401  (registers the architectures)
-from harness_ext.models import load_model, ssd
+from harness_ext.models import decode_kernels as dk, load_model, ssd
 from harness_ext.models.llamba import LlambaConfig, LlambaForCausalLM
 from harness_ext.models.mambainllama import MambaInLlamaConfig, MambaInLlamaForCausalLM
 
@@ -126,7 +126,7 @@ def test_causal_conv1d_ref_matches_torch_conv_and_respects_boundaries():
     second = ssd.causal_conv1d_ref(x[:, 5:], w, bias, activation="silu")
     assert (packed - torch.cat([first, second], 1)).abs().max() < 1e-5
     state = ssd.conv_state_from_inputs(x[:, :7], 4)
-    outs = [ssd.causal_conv1d_step_ref(state, x[:, t], w, bias) for t in range(7, 12)]
+    outs = [dk.conv_step_ref(state, x[:, t], w, bias) for t in range(7, 12)]
     assert (torch.stack(outs, 1) - ssd.causal_conv1d_ref(x, w, bias)[:, 7:]).abs().max() < 1e-5
 
 
@@ -165,7 +165,6 @@ def test_varlen_states_survive_strong_decay():
 def test_conv_step_ring_order_equals_linear_order():
     """The engine's ring-ordered conv state (input t at tap t % K, written from a prefill's linear state by
     `ring_from_linear`) gives the linear order's outputs step for step, rows at different lengths."""
-    from harness_ext.models import decode_kernels as dk
     torch.manual_seed(0)
     b, c, K = 4, 5, 4
     lengths = torch.tensor([1, 3, 4, 9])

@@ -583,11 +583,10 @@ class SSMMixerBase(nn.Module):
         return self.mix(hidden, ctx)
 
     def _conv_step(self, xBC, layer_state, ctx: ForwardContext | None = None):
-        if ctx is not None and ctx.decode_state is not None:     # the decode engine's state: ring order
-            return dk.conv_step_ref(layer_state["conv_state"], xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                                    self.conv_activation in ("silu", "swish"), positions=ctx.decode_state.seqlens)
-        return ssd.causal_conv1d_step(layer_state["conv_state"], xBC, self.conv1d.weight.squeeze(1),
-                                      self.conv1d.bias, activation=self.conv_activation)
+        # the decode engine's conv state is a ring (positions = its seqlens); HF generate's cache is linear
+        positions = ctx.decode_state.seqlens if ctx is not None and ctx.decode_state is not None else None
+        return dk.conv_step_ref(layer_state["conv_state"], xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                self.conv_activation in ("silu", "swish"), positions)
 
     def allocate_state(self, batch_size, max_seqlen, device, dtype):
         # [B, conv_dim, d_conv] in ring order (`decode_kernels.conv_step`), stored tap-major: the step reads and

@@ -355,17 +355,6 @@ def conv_state_from_inputs(x, width, seq_idx=None, cu_seqlens=None):
     return gathered.transpose(1, 2).contiguous()
 
 
-def causal_conv1d_step_ref(conv_state, x, weight, bias=None, activation=None):
-    """One token x [b, c]; conv_state [b, c, K] updated in place (shift left, append x)."""
-    conv_state.copy_(torch.cat([conv_state[:, :, 1:], x.unsqueeze(-1).to(conv_state.dtype)], dim=-1))
-    out = (conv_state.float() * weight.float()).sum(-1)
-    if bias is not None:
-        out = out + bias.float()
-    if activation in ("silu", "swish"):
-        out = F.silu(out)
-    return out.to(x.dtype)
-
-
 def causal_conv1d(x, weight, bias=None, seq_idx=None, initial_state=None, activation=None):
     """`causal_conv1d_ref`'s contract. On CUDA (THINKFAST_CONV=auto or triton): `conv_kernels.causal_conv1d` (one pass,
     autograd); the reference otherwise, and always for a cache continuation (`initial_state`, HF generate)."""
@@ -385,9 +374,6 @@ def causal_conv1d_with_states(x, weight, bias=None, seq_idx=None, cu_seqlens=Non
                                                       activation=activation)
     out = causal_conv1d_ref(x, weight, bias, seq_idx=seq_idx, activation=activation)
     return out, conv_state_from_inputs(x, weight.shape[-1], cu_seqlens=cu_seqlens)
-
-
-causal_conv1d_step = causal_conv1d_step_ref
 
 
 # --------------------------------------------------------------------------------------------------
