@@ -178,7 +178,7 @@ def compile_regions(model, mode: str = "regional") -> list:
     _set_compile_limits()
     if mode == "layers":
         from harness_ext.models import ssd
-        for name in ("ssd_scan", "gated_rmsnorm"):
+        for name in ("ssd_scan", "ssd_scan_graphed", "gated_rmsnorm"):
             fn = getattr(ssd, name)
             if not getattr(fn, "_thinkfast_compiler_disabled", False):
                 wrapped = torch.compiler.disable(fn)
@@ -373,6 +373,10 @@ class Trainer:
         self.total_steps = max(1, math.ceil(cfg.max_tokens / self.tokens_per_step))
         if stream.seq_len != cfg.seq_len:
             raise ValueError(f"stream packs rows of {stream.seq_len} tokens but the stage wants {cfg.seq_len}")
+        from harness_ext.models import ssd
+        if cfg.grad_checkpointing and ssd.train_scan_mode() == "graph":
+            raise ValueError("grad_checkpointing recomputes each layer's forward inside the backward, which the "
+                             "captured scans of THINKFAST_TRAIN_SCAN=graph cannot serve; use one or the other")
 
     # -- setup
     def _autocast(self):
@@ -629,6 +633,8 @@ class Trainer:
             bar.update(1)
         bar.close()
         self.restore_teacher_attn()
+        from harness_ext.models import ssd
+        ssd.release_scan_graphs()       # THINKFAST_TRAIN_SCAN=graph: the next stage's shapes or trainable set differ
         if start_step < self.total_steps:
             self.save_checkpoint(self.total_steps)
         return {"steps": self.total_steps, "tokens": self.total_steps * self.tokens_per_step, "last_log": last_log}

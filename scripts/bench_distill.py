@@ -28,6 +28,9 @@ Configurations (micro-batches: --micro-batches if given, else the default in bra
   chunked-flex       chunked-compile with the teacher on FlexAttention (document-causal block mask)
   chunked-flex-all   chunked-flex with the students' attention layers on FlexAttention too (THINKFAST_TRAIN_ATTN=flex)
   layers-flex-all    chunked-layers with the teacher's and the students' attention on FlexAttention
+  chunked-graph      chunked-compile with THINKFAST_TRAIN_SCAN=graph (each mixer's SSD scan forward and backward
+                     replayed from CUDA graphs: no per-call host work in mamba-ssm's Python)
+  layers-flex-graph  layers-flex-all with THINKFAST_TRAIN_SCAN=graph
   chunked-ckpt       chunked KD loss, regional compile, gradient checkpointing (for micro-batches that OOM without)
   chunked-compile-conv   chunked-compile with THINKFAST_CONV=triton (Triton depthwise conv in the Mamba mixers)
   chunked-compile-varlen chunked-compile with THINKFAST_TRAIN_ATTN=varlen (students' attention: one flash call
@@ -65,6 +68,10 @@ CONFIGS = {
                              env={"THINKFAST_TRAIN_ATTN": "flex"}),
     "layers-flex-all": dict(chunked_loss=True, compile=True, compile_mode="layers", teacher_attn="flex_attention",
                             env={"THINKFAST_TRAIN_ATTN": "flex"}),
+    "chunked-graph": dict(chunked_loss=True, compile=True, compile_mode="regional",
+                          env={"THINKFAST_TRAIN_SCAN": "graph"}),
+    "layers-flex-graph": dict(chunked_loss=True, compile=True, compile_mode="layers", teacher_attn="flex_attention",
+                              env={"THINKFAST_TRAIN_ATTN": "flex", "THINKFAST_TRAIN_SCAN": "graph"}),
     "chunked-ckpt": dict(chunked_loss=True, compile=True, compile_mode="regional", grad_checkpointing=True),
     "chunked-compile-conv": dict(chunked_loss=True, compile=True, compile_mode="regional",
                                  env={"THINKFAST_CONV": "triton"}),

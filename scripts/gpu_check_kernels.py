@@ -8,6 +8,9 @@ CPU smoke test (reference against itself, small sizes):
 Only the training-path kernels of `conv_kernels` and the packed training attention (a minute on an H100):
     python scripts/gpu_check_kernels.py --out runs/gpu_check_train --only conv,train-attn,fast-train
 
+`<arch> train-scan graph` (CUDA only): two accumulated micro-steps of a whole student with THINKFAST_TRAIN_SCAN=graph
+against the eager mamba-ssm scan (the same kernels replayed from CUDA graphs), with eval forwards in between.
+
 Training-path groups: `conv` (the Triton depthwise conv vs `causal_conv1d_ref`, forward + x/weight/bias grads, at
 MambaInLlama's xBC width 960 = 192 + 192 + 576 with SiLU and Llamba's 1728 = 576 + 2 * 9 * 64 without; bf16 x and
 fp32 weights, as under autocast), `conv prefill` (the prefill variant: output and per-prompt conv states),
@@ -133,6 +136,36 @@ def step_run(inputs, with_bias=True):
                      dt_softplus=True)
     tag = "step" if with_bias else "step_no_bias_no_D"
     return {f"{tag}:y": y, f"{tag}:state": state}
+
+
+def graph_scan_run(arch, args, device, batches, mode):
+    """Two accumulated micro-steps of a whole student (fp32 weights, bf16 autocast: the trainer's way) with
+    THINKFAST_TRAIN_SCAN=mode, an eval forward of another shape between them (no grad: the eager scan), and the
+    second micro-step's batch run again after the first's backward (the graph's inputs must be re-copied)."""
+    saved = os.environ.get("THINKFAST_TRAIN_SCAN")
+    os.environ["THINKFAST_TRAIN_SCAN"] = mode
+    try:
+        torch.manual_seed(0)
+        model = build(arch, args.layers, args.vocab, args.chunk).to(device).train()
+        autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        tensors = {}
+        for step, (ids, seq_idx) in enumerate(batches[:2]):
+            with torch.autocast(**autocast):
+                out = model(ids, seq_idx=seq_idx, labels=ids)
+            out.loss.backward()
+            tensors[f"loss_{step}"], tensors[f"logits_{step}"] = out.loss.detach(), out.logits.detach()
+            with torch.no_grad(), torch.autocast(**autocast):
+                tensors[f"eval_logits_{step}"] = model(ids[:1], seq_idx=seq_idx[:1]).logits
+        for name, p in model.named_parameters():
+            if p.grad is not None:
+                tensors[f"grad:{name}"] = p.grad.detach().clone()
+        ssd.release_scan_graphs()
+        return tensors
+    finally:
+        if saved is None:
+            os.environ.pop("THINKFAST_TRAIN_SCAN", None)
+        else:
+            os.environ["THINKFAST_TRAIN_SCAN"] = saved
 
 
 def pool_seeds(rows):
@@ -311,6 +344,20 @@ def main(argv=None):
                 compare(f"{arch} fast-train", with_training_paths(run), run32, seed_tag)
         compare(f"{arch} decode", lambda: decode_run(model.eval(), prompts), lambda: decode_run(model32.eval(), prompts))
         del model, model32
+
+    # the CUDA-graphed training scan against eager mamba-ssm: the same kernels, so the same numbers up to the
+    # order of atomic adds
+    for arch in ("mambainllama", "llamba"):
+        group = f"{arch} train-scan graph"
+        if device.type != "cuda" or (wanted and not any(group.startswith(w) or group.endswith(w) for w in wanted)):
+            continue
+        start = time.time()
+        eager = graph_scan_run(arch, args, device, batches, "eager")
+        graphed = graph_scan_run(arch, args, device, batches, "graph")
+        for name in eager:
+            rows.append({"group": group, "tensor": name, "norm_rel": norm_err(graphed[name], eager[name]),
+                         "max_rel": rel_err(graphed[name], eager[name]), "kern_fp32": float("inf"), "ref_fp32": 0.0})
+        print(f"  {group}: {len(eager)} tensors in {time.time() - start:.1f}s", flush=True)
 
     # depthwise conv: MambaInLlama's xBC (x 192, B 192, C 576; SiLU) and Llamba's (x 576, B/C 9 x 64; identity)
     for width, activation in ((960, "silu"), (1728, None)):

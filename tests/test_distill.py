@@ -203,18 +203,25 @@ def test_every_stage_trains(recipe_name, tiny_teacher, tmp_path):
 
 # ----------------------------------------------------------------------------- resume, NaN guard
 
-def _kd_trainer(tiny_teacher, stage_dir, steps=6, fault_hook=None, seed=0):
+def _kd_trainer(tiny_teacher, stage_dir, steps=6, fault_hook=None, seed=0, **overrides):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from harness_ext.models.init_from_teacher import init_student
     tok = AutoTokenizer.from_pretrained(tiny_teacher)
     docs = D.render_documents(D.load_records(["gsm8k_train"], limit=30), tok)
     cfg = StageConfig(name="kd", objective="kd", max_tokens=steps * 2 * 64, seq_len=64, micro_batch_size=2,
-                      lr=3e-3, log_every=1, save_every=2, seed=seed)
+                      lr=3e-3, log_every=1, save_every=2, seed=seed, **overrides)
     torch.manual_seed(0)
     student = init_student(tiny_teacher, "mambainllama")
     teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher)
     return Trainer(KDObjective(student), teacher, D.PackedStream(docs, 64, seed=seed), cfg, stage_dir,
                    tokenizer=tok, device=torch.device("cpu"), fault_hook=fault_hook, progress=False)
+
+
+def test_graphed_scan_refuses_gradient_checkpointing(tiny_teacher, tmp_path, monkeypatch):
+    """Checkpointing replays each layer's forward inside the backward; the captured scans cannot serve that."""
+    monkeypatch.setenv("THINKFAST_TRAIN_SCAN", "graph")
+    with pytest.raises(ValueError, match="grad_checkpointing .* THINKFAST_TRAIN_SCAN=graph"):
+        _kd_trainer(tiny_teacher, tmp_path / "ckpt", grad_checkpointing=True)
 
 
 class Killed(BaseException):

@@ -887,3 +887,102 @@ def test_gpu_check_pools_training_groups_over_data_seeds(tmp_path):
     training = [r for r in result["rows"] if r["group"] == "llamba"]
     assert result["seeds"] == 2 and training and all(len(r["per_seed"]) == 2 for r in training)
     assert all(r["norm_rel"] == 0.0 for r in training)
+
+
+class _EagerScanGraph(ssd.ScanGraph):
+    """`ScanGraph` with its two graph replays done eagerly by the reference scan, writing into the same persistent
+    buffers every time (as a replayed graph does), so the autograd wiring and the ticket check run on CPU."""
+
+    def __init__(self, inputs, seq_idx, chunk_size):
+        self.key = self.key_of(inputs, seq_idx, chunk_size, True, (0.0, float("inf")))
+        self.ticket, self.chunk_size = 0, chunk_size
+        self.static = {name: (t.detach().clone() if t is not None else None) for name, t in inputs.items()}
+        self.seq_idx = seq_idx.clone()
+        self.out = torch.zeros_like(inputs["x"])
+        self.dout = torch.zeros_like(inputs["x"])
+        self.grads = tuple(torch.zeros_like(t) if t is not None else None for t in inputs.values())
+
+    def _replay_forward(self):
+        s = self.static
+        self.out.copy_(ssd.ssd_scan_ref(s["x"], s["dt"], s["A"], s["B"], s["C"], D=s["D"], seq_idx=self.seq_idx,
+                                        dt_bias=s["dt_bias"], dt_softplus=True, chunk_size=self.chunk_size))
+
+    def _replay_backward(self):
+        leaves = {k: (v.detach().clone().requires_grad_(True) if v is not None else None)
+                  for k, v in self.static.items()}
+        with torch.enable_grad():
+            y = ssd.ssd_scan_ref(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], D=leaves["D"],
+                                 seq_idx=self.seq_idx, dt_bias=leaves["dt_bias"], dt_softplus=True,
+                                 chunk_size=self.chunk_size)
+            used = [t for t in leaves.values() if t is not None]
+            grads = iter(torch.autograd.grad(y, used, self.dout))
+        for buffer, t in zip(self.grads, leaves.values()):
+            if t is not None:
+                buffer.copy_(next(grads))
+
+
+def test_graphed_scan_autograd_accumulates_like_eager(monkeypatch):
+    """THINKFAST_TRAIN_SCAN=graph's autograd wiring: gradients that come out of reused buffers still accumulate
+    like the eager scan's over micro-steps (leaf parameters get copies), and a second forward before the first's
+    backward is refused by name instead of returning gradients of the wrong activations. The graph replays are the
+    reference scan here; the GPU check compares the captured graphs with eager mamba-ssm."""
+    gen = torch.Generator().manual_seed(0)
+    b, l, h, p, g, n = 2, 24, 4, 8, 2, 8
+    D = torch.nn.Parameter(torch.randn(h, generator=gen))
+    dt_bias = torch.nn.Parameter(torch.randn(h, generator=gen) - 1)
+    A_log = torch.nn.Parameter(torch.rand(h, generator=gen))
+    seq_idx = torch.tensor([[0] * 10 + [1] * 14, [0] * 24], dtype=torch.int32)
+    batches = [{"x": torch.randn(b, l, h, p, generator=gen), "dt": torch.randn(b, l, h, generator=gen),
+                "B": torch.randn(b, l, g, n, generator=gen), "C": torch.randn(b, l, g, n, generator=gen)}
+               for _ in range(2)]
+
+    def inputs(batch):
+        x = batch["x"].clone().requires_grad_(True)
+        return {"x": x * 1.0, "dt": batch["dt"], "A": -torch.exp(A_log), "B": batch["B"], "C": batch["C"], "D": D,
+                "z": None, "dt_bias": dt_bias}, x
+
+    def run(graphed):
+        for param in (D, dt_bias, A_log):
+            param.grad = None
+        x_grads, graph = [], None
+        for batch in batches:
+            ins, x = inputs(batch)
+            if graphed:
+                graph = graph or _EagerScanGraph(ins, seq_idx, 8)
+                y = ssd._GraphedScanFn.apply(graph, seq_idx, *ins.values())
+            else:
+                y = ssd.ssd_scan_ref(ins["x"], ins["dt"], ins["A"], ins["B"], ins["C"], D=D, seq_idx=seq_idx,
+                                     dt_bias=dt_bias, dt_softplus=True, chunk_size=8)
+            (y.square().mean() + y[:, -1].sum()).backward()
+            x_grads.append(x.grad)
+        return [D.grad.clone(), dt_bias.grad.clone(), A_log.grad.clone(), *x_grads], graph
+
+    want, _ = run(graphed=False)
+    got, graph = run(graphed=True)
+    for a, b_ in zip(got, want):
+        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-6)
+    assert got[0].data_ptr() != graph.grads[5].data_ptr()    # D's .grad is not the reused buffer
+
+    first = ssd._GraphedScanFn.apply(graph, seq_idx, *inputs(batches[0])[0].values())
+    ssd._GraphedScanFn.apply(graph, seq_idx, *inputs(batches[1])[0].values())
+    with pytest.raises(RuntimeError, match="forward ran again before the backward"):
+        first.sum().backward()
+
+
+def test_graphed_scan_mode_falls_back_to_eager_off_cuda(monkeypatch):
+    """THINKFAST_TRAIN_SCAN is validated by name; on CPU `graph` trains exactly like `eager` (nothing to capture)."""
+    monkeypatch.setenv("THINKFAST_TRAIN_SCAN", "graphs")
+    with pytest.raises(ValueError, match="THINKFAST_TRAIN_SCAN must be eager or graph"):
+        ssd.train_scan_mode()
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
+    seq_idx = torch.tensor([[0] * 7 + [1] * 13, [0] * 20])
+    grads = {}
+    for mode in ("eager", "graph"):
+        monkeypatch.setenv("THINKFAST_TRAIN_SCAN", mode)
+        model = tiny_llamba().train()
+        model(ids, seq_idx=seq_idx, labels=ids).loss.backward()
+        grads[mode] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["graph"].keys() == grads["eager"].keys() and len(grads["eager"]) > 5
+    for name, grad in grads["eager"].items():
+        assert torch.equal(grads["graph"][name], grad), name
+    assert len(ssd._SCAN_GRAPHS) == 0

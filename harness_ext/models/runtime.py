@@ -566,6 +566,9 @@ class SSMMixerBase(nn.Module):
             y, final = ssd.ssd_scan(x, dt, A, B, C, seq_idx=ctx.seq_idx, initial_states=initial,
                                     return_final_states=True, chunk_size=self.chunk_size, **kw)
             return y, final
+        if ssd.train_scan_mode() == "graph":
+            return ssd.ssd_scan_graphed(self, x, dt, A, B, C, seq_idx=ctx.seq_idx, chunk_size=self.chunk_size,
+                                        **kw), None
         return ssd.ssd_scan(x, dt, A, B, C, seq_idx=ctx.seq_idx, chunk_size=self.chunk_size, **kw), None
 
     def _store_states(self, ctx: ForwardContext, conv_state, ssm_state):

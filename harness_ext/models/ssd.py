@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import types
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +78,9 @@ def _load_mamba_triton() -> dict | None:
         layernorm_gated = importlib.import_module("mamba_ssm.ops.triton.layernorm_gated")
         _MAMBA_TRITON = {
             "mamba_chunk_scan_combined": ssd_combined.mamba_chunk_scan_combined,
+            # the autograd.Function's two halves, for the CUDA-graphed training scan (`ScanGraph`)
+            "scan_fwd": ssd_combined._mamba_chunk_scan_combined_fwd,
+            "scan_bwd": ssd_combined._mamba_chunk_scan_combined_bwd,
             "selective_state_update": state_update.selective_state_update,
             "rmsnorm_fn": layernorm_gated.rmsnorm_fn,
         }
@@ -246,6 +250,150 @@ def ssd_scan(x, dt, A, B, C, D=None, z=None, seq_idx=None, initial_states=None, 
                         return_final_states=return_final_states, chunk_size=chunk_size, dt_bias=dt_bias,
                         dt_softplus=dt_softplus, cu_seqlens=cu_seqlens, return_varlen_states=return_varlen_states,
                         dt_limit=dt_limit)
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA-graphed training scan
+#
+# mamba-ssm's combined scan is ~7 Triton launches forward and ~15 backward, wrapped in Python that costs ~1.3 ms
+# (forward) and ~3.4 ms (backward) of host time per call (H100 profile, leaderboards/distill/bench_distill_flex):
+# for Llamba's 30 layers that is ~145 ms of host work per micro-step, more than the GPU needs at micro-batch 16.
+# THINKFAST_TRAIN_SCAN=graph captures each mixer's forward and backward once (training shapes are static:
+# micro-batch x seq_len) and replays them, one graph launch each way. Eager mamba-ssm (the default) is the twin the
+# GPU check compares against (scripts/gpu_check_kernels.py, group train_scan_graph).
+
+_SCAN_GRAPHS = weakref.WeakKeyDictionary()       # mixer module -> ScanGraph (not module state: no state_dict entry)
+_SCAN_INPUTS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")
+
+
+def train_scan_mode() -> str:
+    mode = os.environ.get("THINKFAST_TRAIN_SCAN", "eager").strip().lower()
+    if mode not in ("eager", "graph"):
+        raise ValueError(f"THINKFAST_TRAIN_SCAN must be eager or graph, got {mode!r}")
+    return mode
+
+
+class ScanGraph:
+    """One mixer's forward and backward of mamba-ssm's SSD scan, captured as two CUDA graphs for one set of shapes.
+
+    The inputs are copied into static buffers and the graphs replayed; the forward's saved activations live in the
+    graphs' private memory pool until the backward reads them. So a layer's forward may not run again before its
+    backward (`ticket` checks it): gradient accumulation (forward, backward, forward, ...) is fine."""
+
+    def __init__(self, kernels, inputs: dict, seq_idx, chunk_size: int, dt_softplus: bool, dt_limit):
+        self.key = self.key_of(inputs, seq_idx, chunk_size, dt_softplus, dt_limit)
+        self.ticket = 0
+        self.static = {name: (t.detach().contiguous().clone() if t is not None else None) for name, t in inputs.items()}
+        self.seq_idx = seq_idx.clone() if seq_idx is not None else None
+        s = self.static
+        options = dict(D=s["D"], z=s["z"], dt_bias=s["dt_bias"], seq_idx=self.seq_idx, dt_softplus=dt_softplus,
+                       dt_limit=dt_limit)
+
+        def forward():
+            out, out_x, *_ = kernels["scan_fwd"](s["x"], s["dt"], s["A"], s["B"], s["C"], chunk_size, **options)
+            return out, (out if s["z"] is None else out_x)    # what MambaChunkScanCombinedFn saves for backward
+
+        def backward(saved):
+            grads = kernels["scan_bwd"](self.dout, s["x"], s["dt"], s["A"], s["B"], s["C"], saved, chunk_size,
+                                        **options)
+            return grads[:8]                                   # dx, ddt, dA, dB, dC, dD, dz, ddt_bias
+
+        with torch.no_grad():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):                    # Triton autotuning and JIT happen here, not in capture
+                for _ in range(2):
+                    out, saved = forward()
+                    self.dout = torch.zeros_like(out)
+                    backward(saved)
+            torch.cuda.current_stream().wait_stream(side)
+            pool = torch.cuda.graph_pool_handle()
+            self.forward_graph, self.backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            # thread_local: a data-loading thread's CUDA calls elsewhere must not invalidate the capture
+            with torch.cuda.graph(self.forward_graph, pool=pool, capture_error_mode="thread_local"):
+                self.out, self.saved = forward()
+            with torch.cuda.graph(self.backward_graph, pool=pool, capture_error_mode="thread_local"):
+                self.grads = backward(self.saved)
+
+    @staticmethod
+    def key_of(inputs: dict, seq_idx, chunk_size, dt_softplus, dt_limit) -> tuple:
+        shapes = tuple((name, None) if t is None else (name, tuple(t.shape), t.dtype, t.device)
+                       for name, t in inputs.items())
+        return shapes, None if seq_idx is None else tuple(seq_idx.shape), chunk_size, bool(dt_softplus), tuple(dt_limit)
+
+    def run_forward(self, inputs: dict, seq_idx) -> torch.Tensor:
+        for name, t in inputs.items():
+            if t is not None:
+                self.static[name].copy_(t)
+        if seq_idx is not None:
+            self.seq_idx.copy_(seq_idx)
+        self._replay_forward()
+        self.ticket += 1
+        return self.out.clone()      # the next replay overwrites self.out; whoever saves y must keep its own
+
+    def run_backward(self, dout: torch.Tensor, ticket: int) -> tuple:
+        if ticket != self.ticket:
+            raise RuntimeError("THINKFAST_TRAIN_SCAN=graph: this layer's forward ran again before the backward of an "
+                               "earlier forward (its saved activations were overwritten); run backward after each "
+                               "forward, or set THINKFAST_TRAIN_SCAN=eager")
+        self.dout.copy_(dout)
+        self._replay_backward()
+        return self.grads
+
+    def _replay_forward(self):
+        self.forward_graph.replay()
+
+    def _replay_backward(self):
+        self.backward_graph.replay()
+
+
+class _GraphedScanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, graph, seq_idx, *tensors):
+        ctx.graph = graph
+        ctx.ticket = None
+        out = graph.run_forward(dict(zip(_SCAN_INPUTS, tensors)), seq_idx)
+        ctx.ticket = graph.ticket
+        # a leaf's gradient goes to AccumulateGrad, which may keep the very tensor as .grad: give it a copy, since the
+        # graph's gradient buffers are rewritten at the next replay. Other gradients are consumed before that.
+        ctx.leaves = tuple(t is not None and t.is_leaf for t in tensors)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        grads = ctx.graph.run_backward(dout, ctx.ticket)
+        result = []
+        for grad, needed, leaf in zip(grads, ctx.needs_input_grad[2:], ctx.leaves):
+            result.append(None if not needed or grad is None else (grad.clone() if leaf else grad))
+        return (None, None, *result)
+
+
+def ssd_scan_graphed(module, x, dt, A, B, C, D=None, z=None, seq_idx=None, chunk_size=DEFAULT_CHUNK_SIZE,
+                     dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf"))):
+    """`ssd_scan` for training (no states in or out) through `module`'s `ScanGraph`, captured at the first call.
+    Falls back to `ssd_scan` off CUDA, without mamba-ssm's kernels, without gradients, or for shapes other than the
+    captured ones (one graph per module: training shapes are static; an eval batch of another size runs eager)."""
+    inputs = dict(zip(_SCAN_INPUTS, (x, dt, A, B, C, D, z, dt_bias)))
+    tensors = [t for t in inputs.values() if t is not None]
+    if (not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors) or not _use_triton(*tensors)
+            or torch.cuda.is_current_stream_capturing()):
+        return ssd_scan(x, dt, A, B, C, D=D, z=z, seq_idx=seq_idx, chunk_size=chunk_size, dt_bias=dt_bias,
+                        dt_softplus=dt_softplus, dt_limit=dt_limit)
+    if seq_idx is not None:
+        seq_idx = seq_idx.to(torch.int32).contiguous()
+    graph = _SCAN_GRAPHS.get(module)
+    if graph is None:
+        graph = ScanGraph(_load_mamba_triton(), inputs, seq_idx, chunk_size, dt_softplus, dt_limit)
+        _SCAN_GRAPHS[module] = graph
+    elif graph.key != ScanGraph.key_of(inputs, seq_idx, chunk_size, dt_softplus, dt_limit):
+        return ssd_scan(x, dt, A, B, C, D=D, z=z, seq_idx=seq_idx, chunk_size=chunk_size, dt_bias=dt_bias,
+                        dt_softplus=dt_softplus, dt_limit=dt_limit)
+    return _GraphedScanFn.apply(graph, seq_idx, x, dt, A, B, C, D, z, dt_bias)
+
+
+def release_scan_graphs():
+    """Drop every captured training scan (frees their memory pools), e.g. between distillation stages."""
+    _SCAN_GRAPHS.clear()
 
 
 def ssd_sequential_ref(x, dt, A, B, C, D=None, z=None, seq_idx=None, initial_states=None, dt_bias=None,
