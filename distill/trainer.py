@@ -178,7 +178,7 @@ def compile_regions(model, mode: str = "regional") -> list:
     _set_compile_limits()
     if mode == "layers":
         from harness_ext.models import ssd
-        for name in ("ssd_scan", "ssd_scan_graphed", "gated_rmsnorm"):
+        for name in ("ssd_scan", "ssd_scan_train", "gated_rmsnorm"):
             fn = getattr(ssd, name)
             if not getattr(fn, "_thinkfast_compiler_disabled", False):
                 wrapped = torch.compiler.disable(fn)

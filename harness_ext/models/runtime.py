@@ -566,10 +566,9 @@ class SSMMixerBase(nn.Module):
             y, final = ssd.ssd_scan(x, dt, A, B, C, seq_idx=ctx.seq_idx, initial_states=initial,
                                     return_final_states=True, chunk_size=self.chunk_size, **kw)
             return y, final
-        if ssd.train_scan_mode() == "graph":
-            return ssd.ssd_scan_graphed(self, x, dt, A, B, C, seq_idx=ctx.seq_idx, chunk_size=self.chunk_size,
-                                        **kw), None
-        return ssd.ssd_scan(x, dt, A, B, C, seq_idx=ctx.seq_idx, chunk_size=self.chunk_size, **kw), None
+        # THINKFAST_TRAIN_SCAN is read inside ssd_scan_train, which compile_mode=layers keeps out of dynamo: a
+        # branch on it here would be traced once and baked into the compiled layer
+        return ssd.ssd_scan_train(self, x, dt, A, B, C, seq_idx=ctx.seq_idx, chunk_size=self.chunk_size, **kw), None
 
     def _store_states(self, ctx: ForwardContext, conv_state, ssm_state):
         if ctx.mode == "prefill":

@@ -78,9 +78,10 @@ def _load_mamba_triton() -> dict | None:
         layernorm_gated = importlib.import_module("mamba_ssm.ops.triton.layernorm_gated")
         _MAMBA_TRITON = {
             "mamba_chunk_scan_combined": ssd_combined.mamba_chunk_scan_combined,
-            # the autograd.Function's two halves, for the CUDA-graphed training scan (`ScanGraph`)
-            "scan_fwd": ssd_combined._mamba_chunk_scan_combined_fwd,
-            "scan_bwd": ssd_combined._mamba_chunk_scan_combined_bwd,
+            # the autograd.Function's two halves, for the CUDA-graphed training scan (`ScanGraph`); private names,
+            # so a mamba-ssm without them only loses THINKFAST_TRAIN_SCAN=graph (eager instead)
+            "scan_fwd": getattr(ssd_combined, "_mamba_chunk_scan_combined_fwd", None),
+            "scan_bwd": getattr(ssd_combined, "_mamba_chunk_scan_combined_bwd", None),
             "selective_state_update": state_update.selective_state_update,
             "rmsnorm_fn": layernorm_gated.rmsnorm_fn,
         }
@@ -368,15 +369,16 @@ class _GraphedScanFn(torch.autograd.Function):
         return (None, None, *result)
 
 
-def ssd_scan_graphed(module, x, dt, A, B, C, D=None, z=None, seq_idx=None, chunk_size=DEFAULT_CHUNK_SIZE,
-                     dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf"))):
-    """`ssd_scan` for training (no states in or out) through `module`'s `ScanGraph`, captured at the first call.
-    Falls back to `ssd_scan` off CUDA, without mamba-ssm's kernels, without gradients, or for shapes other than the
-    captured ones (one graph per module: training shapes are static; an eval batch of another size runs eager)."""
+def ssd_scan_train(module, x, dt, A, B, C, D=None, z=None, seq_idx=None, chunk_size=DEFAULT_CHUNK_SIZE,
+                   dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf"))):
+    """`ssd_scan` for a full sequence with no states in or out (training, scoring). With THINKFAST_TRAIN_SCAN=graph
+    it runs through `module`'s `ScanGraph`, captured at the first call; it falls back to `ssd_scan` off CUDA, without
+    mamba-ssm's kernels, without gradients, or for shapes other than the captured ones (one graph per module:
+    training shapes are static; an eval batch of another size runs eager)."""
     inputs = dict(zip(_SCAN_INPUTS, (x, dt, A, B, C, D, z, dt_bias)))
     tensors = [t for t in inputs.values() if t is not None]
-    if (not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors) or not _use_triton(*tensors)
-            or torch.cuda.is_current_stream_capturing()):
+    if (train_scan_mode() != "graph" or not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors) or not _use_triton(*tensors)
+            or torch.cuda.is_current_stream_capturing() or _load_mamba_triton().get("scan_bwd") is None):
         return ssd_scan(x, dt, A, B, C, D=D, z=z, seq_idx=seq_idx, chunk_size=chunk_size, dt_bias=dt_bias,
                         dt_softplus=dt_softplus, dt_limit=dt_limit)
     if seq_idx is not None:
