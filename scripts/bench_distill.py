@@ -36,7 +36,8 @@ Configurations (micro-batches: --micro-batches if given, else the default in bra
   chunked-compile-varlen chunked-compile with THINKFAST_TRAIN_ATTN=varlen (students' attention: one flash call
                          over the packed documents instead of SDPA with a dense block-diagonal mask)
   chunked-compile-fast   chunked-compile with both
-A config's environment (and --env's) is set for its run only; the table's `env` column says which was used.
+A config's environment (and --env's) is set for its run only; the table's `env` column says which was used. Each
+config starts with torch._dynamo.reset(), so no config runs code compiled under another's switches.
 A failing configuration (OOM, compile error) is recorded with its error and the run goes on; configurations that
 would start after --deadline seconds are recorded as skipped. Output: a table on stdout and OUT/bench_distill.json.
 """
@@ -152,6 +153,11 @@ def _run_config(row, name, spec, arch, micro, args, teacher, teacher_dir, device
     from harness_ext.models.init_from_teacher import init_student
 
     trainer = student = None
+    # Every configuration compiles from scratch: a mode switch read inside compiled code (THINKFAST_TRAIN_ATTN in
+    # the attention layers, anything under compile_mode=layers) can otherwise keep the value of the configuration
+    # that compiled first (seen on torch 2.11: a THINKFAST_TRAIN_SCAN=graph row that ran the eager scan). Costs each
+    # configuration its compile (setup_s), not its timed steps.
+    torch._dynamo.reset()
     try:
         torch.manual_seed(0)
         student = init_student(teacher_dir, arch).to(device=device, dtype=torch.float32)
