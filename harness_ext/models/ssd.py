@@ -352,7 +352,6 @@ class _GraphedScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, graph, seq_idx, *tensors):
         ctx.graph = graph
-        ctx.ticket = None
         out = graph.run_forward(dict(zip(_SCAN_INPUTS, tensors)), seq_idx)
         ctx.ticket = graph.ticket
         # a leaf's gradient goes to AccumulateGrad, which may keep the very tensor as .grad: give it a copy, since the
@@ -377,20 +376,22 @@ def ssd_scan_train(module, x, dt, A, B, C, D=None, z=None, seq_idx=None, chunk_s
     training shapes are static; an eval batch of another size runs eager)."""
     inputs = dict(zip(_SCAN_INPUTS, (x, dt, A, B, C, D, z, dt_bias)))
     tensors = [t for t in inputs.values() if t is not None]
-    if (train_scan_mode() != "graph" or not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors) or not _use_triton(*tensors)
-            or torch.cuda.is_current_stream_capturing() or _load_mamba_triton().get("scan_bwd") is None):
-        return ssd_scan(x, dt, A, B, C, D=D, z=z, seq_idx=seq_idx, chunk_size=chunk_size, dt_bias=dt_bias,
-                        dt_softplus=dt_softplus, dt_limit=dt_limit)
-    if seq_idx is not None:
-        seq_idx = seq_idx.to(torch.int32).contiguous()
-    graph = _SCAN_GRAPHS.get(module)
+    graph = None
+    if (train_scan_mode() == "graph" and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            and _use_triton(*tensors) and not torch.cuda.is_current_stream_capturing()
+            and _load_mamba_triton().get("scan_bwd") is not None):
+        graph_seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
+        key = ScanGraph.key_of(inputs, graph_seq_idx, chunk_size, dt_softplus, dt_limit)
+        graph = _SCAN_GRAPHS.get(module)
+        if graph is None:
+            graph = _SCAN_GRAPHS[module] = ScanGraph(_load_mamba_triton(), inputs, graph_seq_idx, chunk_size,
+                                                     dt_softplus, dt_limit)
+        elif graph.key != key:
+            graph = None
     if graph is None:
-        graph = ScanGraph(_load_mamba_triton(), inputs, seq_idx, chunk_size, dt_softplus, dt_limit)
-        _SCAN_GRAPHS[module] = graph
-    elif graph.key != ScanGraph.key_of(inputs, seq_idx, chunk_size, dt_softplus, dt_limit):
         return ssd_scan(x, dt, A, B, C, D=D, z=z, seq_idx=seq_idx, chunk_size=chunk_size, dt_bias=dt_bias,
                         dt_softplus=dt_softplus, dt_limit=dt_limit)
-    return _GraphedScanFn.apply(graph, seq_idx, x, dt, A, B, C, D, z, dt_bias)
+    return _GraphedScanFn.apply(graph, graph_seq_idx, x, dt, A, B, C, D, z, dt_bias)
 
 
 def release_scan_graphs():
