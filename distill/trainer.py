@@ -38,7 +38,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +87,8 @@ class StageConfig:
     compile_mode: str = "regional"  # regional | layers (see compile_regions)
     grad_checkpointing: bool = False
     teacher_attn: str | None = None  # KD stages: the HF teacher's attn_implementation, e.g. flex_attention
+    student_attn: str | None = None  # sdpa | varlen | flex: the students' packed attention (None: $THINKFAST_TRAIN_ATTN)
+    train_scan: str | None = None    # eager | graph: the SSD scan in training (None: $THINKFAST_TRAIN_SCAN)
     chunked_loss: bool = True  # False: the full-logit reference loss (kd_loss_ref)
     loss_chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     seed: int = 0
@@ -373,10 +375,30 @@ class Trainer:
         self.total_steps = max(1, math.ceil(cfg.max_tokens / self.tokens_per_step))
         if stream.seq_len != cfg.seq_len:
             raise ValueError(f"stream packs rows of {stream.seq_len} tokens but the stage wants {cfg.seq_len}")
-        from harness_ext.models import ssd
-        if cfg.grad_checkpointing and ssd.train_scan_mode() == "graph":
-            raise ValueError("grad_checkpointing recomputes each layer's forward inside the backward, which the "
-                             "captured scans of THINKFAST_TRAIN_SCAN=graph cannot serve; use one or the other")
+        if cfg.student_attn is not None and cfg.student_attn not in ("sdpa", "varlen", "flex"):
+            raise ValueError(f"stage {cfg.name!r}: student_attn must be sdpa, varlen or flex, got {cfg.student_attn!r}")
+        if cfg.train_scan is not None and cfg.train_scan not in ("eager", "graph"):
+            raise ValueError(f"stage {cfg.name!r}: train_scan must be eager or graph, got {cfg.train_scan!r}")
+        with self._runtime_modes():
+            from harness_ext.models import ssd
+            if cfg.grad_checkpointing and ssd.train_scan_mode() == "graph":
+                raise ValueError("grad_checkpointing recomputes each layer's forward inside the backward, which the "
+                                 "captured scans of train_scan=graph cannot serve; use one or the other")
+
+    @contextmanager
+    def _runtime_modes(self):
+        """The stage's student_attn / train_scan, in force while it trains (they override the environment, and the
+        previous values come back after: stages of one process may differ)."""
+        from harness_ext.models import runtime, ssd
+        before = runtime.TRAIN_ATTN, ssd.TRAIN_SCAN
+        if self.cfg.student_attn is not None:
+            runtime.TRAIN_ATTN = self.cfg.student_attn
+        if self.cfg.train_scan is not None:
+            ssd.TRAIN_SCAN = self.cfg.train_scan
+        try:
+            yield
+        finally:
+            runtime.TRAIN_ATTN, ssd.TRAIN_SCAN = before
 
     # -- setup
     def _autocast(self):
@@ -566,6 +588,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def train(self) -> dict:
+        with self._runtime_modes():
+            return self._train()
+
+    def _train(self) -> dict:
         cfg = self.cfg
         self._build()
         start_step = self._resume()

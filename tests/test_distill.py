@@ -218,10 +218,36 @@ def _kd_trainer(tiny_teacher, stage_dir, steps=6, fault_hook=None, seed=0, **ove
 
 
 def test_graphed_scan_refuses_gradient_checkpointing(tiny_teacher, tmp_path, monkeypatch):
-    """Checkpointing replays each layer's forward inside the backward; the captured scans cannot serve that."""
+    """Checkpointing replays each layer's forward inside the backward; the captured scans cannot serve that, whether
+    the environment or the stage asks for them."""
+    with pytest.raises(ValueError, match="grad_checkpointing .* train_scan=graph"):
+        _kd_trainer(tiny_teacher, tmp_path / "a", grad_checkpointing=True, train_scan="graph")
     monkeypatch.setenv("THINKFAST_TRAIN_SCAN", "graph")
-    with pytest.raises(ValueError, match="grad_checkpointing .* THINKFAST_TRAIN_SCAN=graph"):
-        _kd_trainer(tiny_teacher, tmp_path / "ckpt", grad_checkpointing=True)
+    with pytest.raises(ValueError, match="grad_checkpointing .* train_scan=graph"):
+        _kd_trainer(tiny_teacher, tmp_path / "b", grad_checkpointing=True)
+
+
+def test_stage_runtime_modes_apply_while_training_only(tiny_teacher, tmp_path, monkeypatch):
+    """A stage's student_attn / train_scan override the environment while it trains, and the process gets its
+    previous modes back after (the next stage may differ); misspelt values are refused by name."""
+    from harness_ext.models import runtime, ssd
+    monkeypatch.setenv("THINKFAST_TRAIN_ATTN", "sdpa")
+    monkeypatch.delenv("THINKFAST_TRAIN_SCAN", raising=False)
+    seen = []
+
+    def record_modes(step, loss):
+        seen.append((runtime.train_attn_mode(), ssd.train_scan_mode()))
+        return loss
+    trainer = _kd_trainer(tiny_teacher, tmp_path / "run", steps=3, fault_hook=record_modes,
+                          student_attn="flex", train_scan="graph")
+    result = trainer.train()
+    assert seen and set(seen) == {("flex", "graph")}
+    assert (runtime.train_attn_mode(), ssd.train_scan_mode()) == ("sdpa", "eager")
+    assert result["last_log"]["loss"] == result["last_log"]["loss"]      # CPU: both fall back and train finitely
+    with pytest.raises(ValueError, match="student_attn must be sdpa, varlen or flex, got 'flash'"):
+        _kd_trainer(tiny_teacher, tmp_path / "bad", student_attn="flash")
+    with pytest.raises(ValueError, match="train_scan must be eager or graph, got 'graphs'"):
+        _kd_trainer(tiny_teacher, tmp_path / "bad2", train_scan="graphs")
 
 
 class Killed(BaseException):

@@ -267,8 +267,11 @@ _SCAN_GRAPHS = weakref.WeakKeyDictionary()       # mixer module -> ScanGraph (no
 _SCAN_INPUTS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")
 
 
+TRAIN_SCAN: str | None = None    # overrides the environment in-process (a distillation stage's `train_scan`)
+
+
 def train_scan_mode() -> str:
-    mode = os.environ.get("THINKFAST_TRAIN_SCAN", "eager").strip().lower()
+    mode = (TRAIN_SCAN if TRAIN_SCAN is not None else os.environ.get("THINKFAST_TRAIN_SCAN", "eager")).strip().lower()
     if mode not in ("eager", "graph"):
         raise ValueError(f"THINKFAST_TRAIN_SCAN must be eager or graph, got {mode!r}")
     return mode
