@@ -365,7 +365,8 @@ def _probe_once(mode: str, device: torch.device) -> tuple[bool, str]:
     ref = F.scaled_dot_product_attention(ref_leaves[0], *(t.repeat_interleave(3, dim=1) for t in ref_leaves[1:]),
                                          attn_mask=doc_causal_mask(seq_idx), scale=scale)
     ref_grads = torch.autograd.grad(ref.square().sum(), ref_leaves)
-    errors = [float((a.float() - b).norm() / b.norm()) for a, b in zip((out, *grads), (ref, *ref_grads))]
+    errors = [float((a.detach().float() - b.detach()).norm() / b.detach().norm())
+              for a, b in zip((out, *grads), (ref, *ref_grads))]
     ok = max(errors) < 5e-2
     return ok, "" if ok else f"mismatch against the dense-mask reference (relative errors {errors})"
 
