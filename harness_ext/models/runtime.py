@@ -250,8 +250,9 @@ def varlen_causal_attention(q, k, v, ctx: ForwardContext, scale: float):
 #   THINKFAST_TRAIN_ATTN=varlen  one torch varlen_attn (flash) call over all documents of all rows, with autograd;
 #                                CUDA and fp16/bf16 (under autocast: the autocast dtype) only, else sdpa.
 #   THINKFAST_TRAIN_ATTN=flex    FlexAttention with a document-causal block mask (compiled; eager on CPU).
-# The default stays sdpa until the lead has validated varlen/flex on the GPU (scripts/gpu_check_kernels.py --only
-# train-attn); `TRAIN_ATTN` overrides the environment in-process.
+# The environment's default is sdpa, the reference; the distillation recipes set flex through their `student_attn`
+# stage key (checked by scripts/gpu_check_kernels.py --only train-attn and by full distillations on the GPU).
+# `TRAIN_ATTN` overrides the environment in-process.
 
 TRAIN_ATTN: str | None = None
 _TRAIN_ATTN_OK: dict = {}          # (mode, device) -> usable (probed once)
