@@ -893,8 +893,8 @@ class _EagerScanGraph(ssd.ScanGraph):
     """`ScanGraph` with its two graph replays done eagerly by the reference scan, writing into the same persistent
     buffers every time (as a replayed graph does), so the autograd wiring and the ticket check run on CPU."""
 
-    def __init__(self, inputs, seq_idx, chunk_size):
-        self.ticket, self.chunk_size = 0, chunk_size
+    def __init__(self, inputs, seq_idx, chunk_size, dt_softplus=True):
+        self.ticket, self.chunk_size, self.dt_softplus = 0, chunk_size, dt_softplus
         self.static = {name: (t.detach().clone() if t is not None else None) for name, t in inputs.items()}
         self.seq_idx = seq_idx.clone()
         self.out = torch.zeros_like(inputs["x"])
@@ -904,14 +904,15 @@ class _EagerScanGraph(ssd.ScanGraph):
     def _replay_forward(self):
         s = self.static
         self.out.copy_(ssd.ssd_scan_ref(s["x"], s["dt"], s["A"], s["B"], s["C"], D=s["D"], seq_idx=self.seq_idx,
-                                        dt_bias=s["dt_bias"], dt_softplus=True, chunk_size=self.chunk_size))
+                                        dt_bias=s["dt_bias"], dt_softplus=self.dt_softplus,
+                                        chunk_size=self.chunk_size))
 
     def _replay_backward(self):
         leaves = {k: (v.detach().clone().requires_grad_(True) if v is not None else None)
                   for k, v in self.static.items()}
         with torch.enable_grad():
             y = ssd.ssd_scan_ref(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], D=leaves["D"],
-                                 seq_idx=self.seq_idx, dt_bias=leaves["dt_bias"], dt_softplus=True,
+                                 seq_idx=self.seq_idx, dt_bias=leaves["dt_bias"], dt_softplus=self.dt_softplus,
                                  chunk_size=self.chunk_size)
             used = [t for t in leaves.values() if t is not None]
             grads = iter(torch.autograd.grad(y, used, self.dout))
@@ -966,6 +967,77 @@ def test_graphed_scan_autograd_accumulates_like_eager():
     ssd._GraphedScanFn.apply(graph, seq_idx, *inputs(batches[1])[0].values())
     with pytest.raises(RuntimeError, match="forward ran again before the backward"):
         first.sum().backward()
+
+
+def _student_grads(build, ids, seq_idx, micro_steps=2):
+    model = build().train()
+    for _ in range(micro_steps):
+        model(ids, seq_idx=seq_idx, labels=ids).loss.backward()
+    return model, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_graphed_scan_through_whole_students(arch, monkeypatch):
+    """The graph path as the students' training forward reaches it (ssd_scan_train from every mixer, one graph per
+    mixer, two accumulated micro-steps, then a no-grad forward of another shape), with the replays done by the
+    reference scan: the same gradients as the eager scan. The GPU check runs the captured graphs themselves."""
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
+    seq_idx = torch.tensor([[0] * 7 + [1] * 13, [0] * 20])
+    monkeypatch.setenv("THINKFAST_TRAIN_SCAN", "eager")
+    _, want = _student_grads(BUILDERS[arch], ids, seq_idx)
+    monkeypatch.setenv("THINKFAST_TRAIN_SCAN", "graph")
+    monkeypatch.setattr(ssd, "_graph_scan_eligible", lambda tensors: True)
+    made = []
+
+    def capture(kernels, inputs, seq_idx, chunk_size, dt_softplus, dt_limit):
+        graph = _EagerScanGraph(inputs, seq_idx, chunk_size, dt_softplus=dt_softplus)
+        graph.key = capture.key_of(inputs, seq_idx, chunk_size, dt_softplus, dt_limit)
+        made.append(graph)
+        return graph
+    capture.key_of = ssd.ScanGraph.key_of
+    monkeypatch.setattr(ssd, "ScanGraph", capture)
+    try:
+        model, got = _student_grads(BUILDERS[arch], ids, seq_idx)
+        mixers = [m for m in model.modules() if m in ssd._SCAN_GRAPHS]
+        assert len(made) == len(mixers) > 0 and all(g.ticket == 2 for g in made)
+        assert got.keys() == want.keys()
+        for name, grad in want.items():
+            torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+        with torch.no_grad():
+            model(ids[:1, :9], seq_idx=seq_idx[:1, :9])
+        assert all(g.ticket == 2 for g in made)     # no grad: the eager scan, the graphs untouched
+    finally:
+        ssd.release_scan_graphs()
+    assert len(ssd._SCAN_GRAPHS) == 0
+
+
+def test_graphed_scan_capture_failure_trains_eager(monkeypatch):
+    """The graphed scan is an optimisation: a capture that raises (here: out of memory) warns, naming the error,
+    and that layer trains with the eager scan, with the eager scan's gradients; it is not re-captured at every call
+    (only after release_scan_graphs)."""
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
+    seq_idx = torch.tensor([[0] * 7 + [1] * 13, [0] * 20])
+    monkeypatch.setenv("THINKFAST_TRAIN_SCAN", "eager")
+    _, want = _student_grads(tiny_mil, ids, seq_idx)
+    monkeypatch.setenv("THINKFAST_TRAIN_SCAN", "graph")
+    monkeypatch.setattr(ssd, "_graph_scan_eligible", lambda tensors: True)
+    attempts = []
+
+    def capture(*args):
+        attempts.append(args)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (test)")
+    capture.key_of = ssd.ScanGraph.key_of
+    monkeypatch.setattr(ssd, "ScanGraph", capture)
+    try:
+        with pytest.warns(UserWarning, match="train_scan=graph.*OutOfMemoryError.*eager scan"):
+            model, got = _student_grads(tiny_mil, ids, seq_idx)
+        n_mixers = len(ssd._SCAN_GRAPH_FAILED)
+        assert n_mixers > 0 and len(attempts) == n_mixers       # once per mixer, not once per micro-step
+        for name, grad in want.items():
+            torch.testing.assert_close(got[name], grad, rtol=0, atol=0, msg=name)
+    finally:
+        ssd.release_scan_graphs()
+    assert len(ssd._SCAN_GRAPH_FAILED) == 0
 
 
 def test_graphed_scan_mode_falls_back_to_eager_off_cuda(monkeypatch):

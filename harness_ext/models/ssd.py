@@ -264,6 +264,7 @@ def ssd_scan(x, dt, A, B, C, D=None, z=None, seq_idx=None, initial_states=None, 
 # GPU check compares against (scripts/gpu_check_kernels.py, group train_scan_graph).
 
 _SCAN_GRAPHS = weakref.WeakKeyDictionary()       # mixer module -> ScanGraph (not module state: no state_dict entry)
+_SCAN_GRAPH_FAILED = weakref.WeakSet()             # mixers whose capture raised: eager until release_scan_graphs()
 _SCAN_INPUTS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")
 
 
@@ -380,16 +381,13 @@ def ssd_scan_train(module, x, dt, A, B, C, D=None, z=None, seq_idx=None, chunk_s
     inputs = dict(zip(_SCAN_INPUTS, (x, dt, A, B, C, D, z, dt_bias)))
     tensors = [t for t in inputs.values() if t is not None]
     graph = None
-    if (train_scan_mode() == "graph" and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-            and _use_triton(*tensors) and not torch.cuda.is_current_stream_capturing()
-            and _load_mamba_triton().get("scan_bwd") is not None):
+    if train_scan_mode() == "graph" and _graph_scan_eligible(tensors):
         graph_seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
         key = ScanGraph.key_of(inputs, graph_seq_idx, chunk_size, dt_softplus, dt_limit)
         graph = _SCAN_GRAPHS.get(module)
-        if graph is None:
-            graph = _SCAN_GRAPHS[module] = ScanGraph(_load_mamba_triton(), inputs, graph_seq_idx, chunk_size,
-                                                     dt_softplus, dt_limit)
-        elif graph.key != key:
+        if graph is None and module not in _SCAN_GRAPH_FAILED:
+            graph = _capture_scan_graph(module, inputs, graph_seq_idx, chunk_size, dt_softplus, dt_limit)
+        elif graph is not None and graph.key != key:
             graph = None
     if graph is None:
         return ssd_scan(x, dt, A, B, C, D=D, z=z, seq_idx=seq_idx, chunk_size=chunk_size, dt_bias=dt_bias,
@@ -397,9 +395,35 @@ def ssd_scan_train(module, x, dt, A, B, C, D=None, z=None, seq_idx=None, chunk_s
     return _GraphedScanFn.apply(graph, graph_seq_idx, x, dt, A, B, C, D, z, dt_bias)
 
 
+def _graph_scan_eligible(tensors) -> bool:
+    return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors) and _use_triton(*tensors)
+            and not torch.cuda.is_current_stream_capturing() and _load_mamba_triton().get("scan_bwd") is not None)
+
+
+def _capture_scan_graph(module, inputs, seq_idx, chunk_size, dt_softplus, dt_limit):
+    """Capture `module`'s scan, or None: the graphed scan is an optimisation, so a capture that raises (out of
+    memory for the graph's pool, a driver that refuses the capture) leaves that layer on the eager scan, with a
+    warning, and is not retried until `release_scan_graphs`."""
+    try:
+        graph = ScanGraph(_load_mamba_triton(), inputs, seq_idx, chunk_size, dt_softplus, dt_limit)
+    except RuntimeError as error:       # torch.OutOfMemoryError and CUDA capture errors are RuntimeErrors
+        _SCAN_GRAPH_FAILED.add(module)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        import warnings
+
+        warnings.warn(f"graphed training scan (train_scan=graph): capturing a {type(module).__name__} failed "
+                      f"({type(error).__name__}: {str(error)[:300]}); that layer trains with the eager scan")
+        return None
+    _SCAN_GRAPHS[module] = graph
+    return graph
+
+
 def release_scan_graphs():
-    """Drop every captured training scan (frees their memory pools), e.g. between distillation stages."""
+    """Drop every captured training scan (frees their memory pools), e.g. between distillation stages, and let
+    layers whose capture failed try again."""
     _SCAN_GRAPHS.clear()
+    _SCAN_GRAPH_FAILED.clear()
 
 
 def ssd_sequential_ref(x, dt, A, B, C, D=None, z=None, seq_idx=None, initial_states=None, dt_bias=None,
