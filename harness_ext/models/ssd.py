@@ -339,8 +339,8 @@ class ScanGraph:
     def run_backward(self, dout: torch.Tensor, ticket: int) -> tuple:
         if ticket != self.ticket:
             raise RuntimeError("graphed training scan (train_scan=graph): this layer's forward ran again before the "
-                               "backward of an earlier forward (its saved activations were overwritten); run backward "
-                               "after each forward, or use the eager scan (train_scan: eager, THINKFAST_TRAIN_SCAN=eager)")
+                               "backward of an earlier forward (its saved activations were overwritten); run "
+                               "backward after each forward, or use the eager scan (train_scan: eager)")
         self.dout.copy_(dout)
         self._replay_backward()
         return self.grads
