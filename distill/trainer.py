@@ -375,15 +375,14 @@ class Trainer:
         self.total_steps = max(1, math.ceil(cfg.max_tokens / self.tokens_per_step))
         if stream.seq_len != cfg.seq_len:
             raise ValueError(f"stream packs rows of {stream.seq_len} tokens but the stage wants {cfg.seq_len}")
-        if cfg.student_attn is not None and cfg.student_attn not in ("sdpa", "varlen", "flex"):
-            raise ValueError(f"stage {cfg.name!r}: student_attn must be sdpa, varlen or flex, got {cfg.student_attn!r}")
-        if cfg.train_scan is not None and cfg.train_scan not in ("eager", "graph"):
-            raise ValueError(f"stage {cfg.name!r}: train_scan must be eager or graph, got {cfg.train_scan!r}")
-        with self._runtime_modes():
-            from harness_ext.models import ssd
-            if cfg.grad_checkpointing and ssd.train_scan_mode() == "graph":
-                raise ValueError("grad_checkpointing recomputes each layer's forward inside the backward, which the "
-                                 "captured scans of train_scan=graph cannot serve; use one or the other")
+        from harness_ext.models import runtime, ssd
+        for key, allowed in (("student_attn", runtime.TRAIN_ATTN_MODES), ("train_scan", ssd.TRAIN_SCAN_MODES)):
+            if getattr(cfg, key) is not None and getattr(cfg, key) not in allowed:
+                raise ValueError(f"stage {cfg.name!r}: {key} must be one of {', '.join(allowed)}, "
+                                 f"got {getattr(cfg, key)!r}")
+        if cfg.grad_checkpointing and (cfg.train_scan or ssd.train_scan_mode()) == "graph":
+            raise ValueError("grad_checkpointing recomputes each layer's forward inside the backward, which the "
+                             "captured scans of train_scan=graph cannot serve; use one or the other")
 
     @contextmanager
     def _runtime_modes(self):

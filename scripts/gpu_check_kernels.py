@@ -142,8 +142,7 @@ def graph_scan_run(arch, args, device, batches, mode):
     """Two accumulated micro-steps of a whole student (fp32 weights, bf16 autocast: the trainer's way) with
     THINKFAST_TRAIN_SCAN=mode, an eval forward of another shape between them (no grad: the eager scan), and the
     second micro-step's batch run again after the first's backward (the graph's inputs must be re-copied)."""
-    saved = os.environ.get("THINKFAST_TRAIN_SCAN")
-    os.environ["THINKFAST_TRAIN_SCAN"] = mode
+    ssd.TRAIN_SCAN = mode
     try:
         torch.manual_seed(0)
         model = build(arch, args.layers, args.vocab, args.chunk).to(device).train()
@@ -162,10 +161,7 @@ def graph_scan_run(arch, args, device, batches, mode):
         ssd.release_scan_graphs()
         return tensors
     finally:
-        if saved is None:
-            os.environ.pop("THINKFAST_TRAIN_SCAN", None)
-        else:
-            os.environ["THINKFAST_TRAIN_SCAN"] = saved
+        ssd.TRAIN_SCAN = None
 
 
 def pool_seeds(rows):

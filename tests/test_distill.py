@@ -244,9 +244,9 @@ def test_stage_runtime_modes_apply_while_training_only(tiny_teacher, tmp_path, m
     assert seen and set(seen) == {("flex", "graph")}
     assert (runtime.train_attn_mode(), ssd.train_scan_mode()) == ("sdpa", "eager")
     assert result["last_log"]["loss"] == result["last_log"]["loss"]      # CPU: both fall back and train finitely
-    with pytest.raises(ValueError, match="student_attn must be sdpa, varlen or flex, got 'flash'"):
+    with pytest.raises(ValueError, match="student_attn must be one of sdpa, varlen, flex, got 'flash'"):
         _kd_trainer(tiny_teacher, tmp_path / "bad", student_attn="flash")
-    with pytest.raises(ValueError, match="train_scan must be eager or graph, got 'graphs'"):
+    with pytest.raises(ValueError, match="train_scan must be one of eager, graph, got 'graphs'"):
         _kd_trainer(tiny_teacher, tmp_path / "bad2", train_scan="graphs")
 
 

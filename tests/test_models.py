@@ -969,6 +969,11 @@ def test_graphed_scan_autograd_accumulates_like_eager():
         first.sum().backward()
 
 
+def _packed_batch():
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
+    return ids, torch.tensor([[0] * 7 + [1] * 13, [0] * 20])
+
+
 def _student_grads(build, ids, seq_idx, micro_steps=2):
     model = build().train()
     for _ in range(micro_steps):
@@ -981,8 +986,7 @@ def test_graphed_scan_through_whole_students(arch, monkeypatch):
     """The graph path as the students' training forward reaches it (ssd_scan_train from every mixer, one graph per
     mixer, two accumulated micro-steps, then a no-grad forward of another shape), with the replays done by the
     reference scan: the same gradients as the eager scan. The GPU check runs the captured graphs themselves."""
-    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
-    seq_idx = torch.tensor([[0] * 7 + [1] * 13, [0] * 20])
+    ids, seq_idx = _packed_batch()
     monkeypatch.setenv("THINKFAST_TRAIN_SCAN", "eager")
     _, want = _student_grads(BUILDERS[arch], ids, seq_idx)
     monkeypatch.setenv("THINKFAST_TRAIN_SCAN", "graph")
@@ -1015,8 +1019,7 @@ def test_graphed_scan_capture_failure_trains_eager(monkeypatch):
     """The graphed scan is an optimisation: a capture that raises (here: out of memory) warns, naming the error,
     and that layer trains with the eager scan, with the eager scan's gradients; it is not re-captured at every call
     (only after release_scan_graphs)."""
-    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
-    seq_idx = torch.tensor([[0] * 7 + [1] * 13, [0] * 20])
+    ids, seq_idx = _packed_batch()
     monkeypatch.setenv("THINKFAST_TRAIN_SCAN", "eager")
     _, want = _student_grads(tiny_mil, ids, seq_idx)
     monkeypatch.setenv("THINKFAST_TRAIN_SCAN", "graph")
@@ -1043,16 +1046,13 @@ def test_graphed_scan_capture_failure_trains_eager(monkeypatch):
 def test_graphed_scan_mode_falls_back_to_eager_off_cuda(monkeypatch):
     """THINKFAST_TRAIN_SCAN is validated by name; on CPU `graph` trains exactly like `eager` (nothing to capture)."""
     monkeypatch.setenv("THINKFAST_TRAIN_SCAN", "graphs")
-    with pytest.raises(ValueError, match="THINKFAST_TRAIN_SCAN must be eager or graph"):
+    with pytest.raises(ValueError, match="THINKFAST_TRAIN_SCAN must be one of eager, graph"):
         ssd.train_scan_mode()
-    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
-    seq_idx = torch.tensor([[0] * 7 + [1] * 13, [0] * 20])
+    ids, seq_idx = _packed_batch()
     grads = {}
     for mode in ("eager", "graph"):
         monkeypatch.setenv("THINKFAST_TRAIN_SCAN", mode)
-        model = tiny_llamba().train()
-        model(ids, seq_idx=seq_idx, labels=ids).loss.backward()
-        grads[mode] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        grads[mode] = _student_grads(tiny_llamba, ids, seq_idx, micro_steps=1)[1]
     assert grads["graph"].keys() == grads["eager"].keys() and len(grads["eager"]) > 5
     for name, grad in grads["eager"].items():
         assert torch.equal(grads["graph"][name], grad), name

@@ -255,13 +255,14 @@ def varlen_causal_attention(q, k, v, ctx: ForwardContext, scale: float):
 # `TRAIN_ATTN` overrides the environment in-process.
 
 TRAIN_ATTN: str | None = None
+TRAIN_ATTN_MODES = ("sdpa", "varlen", "flex")
 _TRAIN_ATTN_OK: dict = {}          # (mode, device) -> usable (probed once)
 
 
 def train_attn_mode() -> str:
     mode = (TRAIN_ATTN if TRAIN_ATTN is not None else os.environ.get("THINKFAST_TRAIN_ATTN", "sdpa")).strip().lower()
-    if mode not in ("sdpa", "varlen", "flex"):
-        raise ValueError(f"THINKFAST_TRAIN_ATTN must be sdpa, varlen or flex, got {mode!r}")
+    if mode not in TRAIN_ATTN_MODES:
+        raise ValueError(f"THINKFAST_TRAIN_ATTN must be one of {', '.join(TRAIN_ATTN_MODES)}, got {mode!r}")
     return mode
 
 

@@ -269,12 +269,13 @@ _SCAN_INPUTS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")
 
 
 TRAIN_SCAN: str | None = None    # overrides the environment in-process (a distillation stage's `train_scan`)
+TRAIN_SCAN_MODES = ("eager", "graph")
 
 
 def train_scan_mode() -> str:
     mode = (TRAIN_SCAN if TRAIN_SCAN is not None else os.environ.get("THINKFAST_TRAIN_SCAN", "eager")).strip().lower()
-    if mode not in ("eager", "graph"):
-        raise ValueError(f"THINKFAST_TRAIN_SCAN must be eager or graph, got {mode!r}")
+    if mode not in TRAIN_SCAN_MODES:
+        raise ValueError(f"THINKFAST_TRAIN_SCAN must be one of {', '.join(TRAIN_SCAN_MODES)}, got {mode!r}")
     return mode
 
 
