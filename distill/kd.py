@@ -22,6 +22,10 @@ outlives its chunk, and no logit is computed twice (Liger-kernel's fused-linear-
 Closed forms, with a = z_s / T, p = softmax(a), q = softmax(z_t / T), d = log p - log q:
   reverse:  d KL(p||q) / d a = p * (d - KL)          forward:  d KL(q||p) / d a = p - q
   so d (T^2 KL) / d z_s = T * (the above);           CE:       d CE / d z_s = softmax(z_s) - onehot(label)
+
+Per chunk, `kd_chunk` (fp32 PyTorch, through torch.compile when the stage compiles) is the reference; on CUDA the
+fused Triton chunk `distill.kd_kernels.kd_chunk_triton` runs instead (two passes over the logits, the gradient
+written over the consumed student logits; THINKFAST_KD_KERNEL=ref for the reference).
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from distill import kd_kernels
 
 DIVERGENCES = ("reverse_kl", "forward_kl")
 DEFAULT_CHUNK_TOKENS = 4096
@@ -153,6 +159,7 @@ def kd_chunk(student_logits, teacher_logits, labels, kl_coef, ce_coef, divergenc
 
 
 _COMPILED_CHUNK = {}
+_TRITON_CHUNK_FAILED: list = []   # non-empty after the Triton chunk raised once: the reference runs from then on
 
 
 def compiled_kd_chunk():
@@ -256,7 +263,10 @@ def chunked_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weig
     if labels.shape != student_hidden.shape[:-1]:
         raise ValueError(f"labels {tuple(labels.shape)} do not match the hidden states {tuple(student_hidden.shape)}")
     matmul_dtype = _matmul_dtype(student_hidden)
-    chunk_fn = compiled_kd_chunk() if compile_chunk else kd_chunk
+    reference_fn = compiled_kd_chunk() if compile_chunk else kd_chunk
+    chunk_fn = reference_fn
+    if not _TRITON_CHUNK_FAILED and kd_kernels.use_triton_kd(student_hidden):
+        chunk_fn = functools.partial(kd_kernels.kd_chunk_triton, overwrite_logits=True)
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
     h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) if teacher_hidden is not None else None
     args = (h_s, student_weight, h_t, teacher_weight if h_t is not None else None, labels.reshape(-1), divergence,
@@ -266,9 +276,14 @@ def chunked_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weig
     except Exception as error:  # noqa: BLE001
         if chunk_fn is kd_chunk:
             raise
-        warnings.warn(f"compiled KD chunk failed ({type(error).__name__}: {error}); falling back to eager")
-        _COMPILED_CHUNK["fn"] = kd_chunk
-        loss, kl, ce = _ChunkedKD.apply(*args, kd_chunk)
+        if chunk_fn is reference_fn:
+            warnings.warn(f"compiled KD chunk failed ({type(error).__name__}: {error}); falling back to eager")
+            _COMPILED_CHUNK["fn"] = kd_chunk
+        else:
+            warnings.warn(f"Triton KD chunk (distill.kd_kernels) failed ({type(error).__name__}: {error}); "
+                          f"running the reference from now on")
+            _TRITON_CHUNK_FAILED.append(error)
+        loss, kl, ce = _ChunkedKD.apply(*args, kd_chunk if chunk_fn is reference_fn else reference_fn)
     if teacher_hidden is None:
         return loss, {"ce": ce}
     stats = {"kl": kl}

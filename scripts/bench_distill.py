@@ -14,6 +14,9 @@
     # the same with any environment: one run of the chosen configs per --env (an empty one = as is)
     python scripts/bench_distill.py --out runs/bench_distill_ab --configs chunked-compile --micro-batches 16 \
         --env "" --env THINKFAST_CONV=triton,THINKFAST_TRAIN_ATTN=varlen
+    # the fused Triton KD chunk (default on CUDA) against the compiled reference chunk
+    python scripts/bench_distill.py --out runs/bench_distill_kd --configs layers-flex-graph --micro-batches 16 \
+        --env THINKFAST_KD_KERNEL=ref --env ""
 
 Each configuration runs the real `distill.trainer.Trainer` step (`Trainer.train_step`: teacher forward, student
 forward + backward, clip, fused AdamW) for `--warmup` untimed and `--steps` timed optimizer steps on one device,

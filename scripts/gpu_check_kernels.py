@@ -7,6 +7,8 @@ CPU smoke test (reference against itself, small sizes):
     python scripts/gpu_check_kernels.py --out /tmp/gpu_check --device cpu --seqlen 96 --batch 2 --layers 2
 Only the training-path kernels of `conv_kernels` and the packed training attention (a minute on an H100):
     python scripts/gpu_check_kernels.py --out runs/gpu_check_train --only conv,train-attn,fast-train
+The fused KD-loss chunk (distill.kd_kernels) against `kd.kd_chunk`, and its time per 4096 x 49152 chunk:
+    python scripts/gpu_check_kernels.py --out runs/gpu_check_kd --only kd
 
 `<arch> train-scan graph` (CUDA only): two accumulated micro-steps of a whole student with THINKFAST_TRAIN_SCAN=graph
 against the eager mamba-ssm scan (the same kernels replayed from CUDA graphs), with eval forwards in between.
@@ -127,6 +129,57 @@ def scan_run(inputs, seq_idx, chunk):
     out = {"scan:y": y.detach(), "scan:final_state": final.detach()}
     out.update({f"scan:grad_{k}": v.grad for k, v in leaves.items()})
     return out
+
+
+def kd_run(inputs, divergence, temperature, ce_weight, tag):
+    """The chunked KD loss from hidden states (`thinkfast distill`'s loss): the Triton chunk under the kernel path
+    (distill.kd_kernels), `kd.kd_chunk` under ref."""
+    from distill import kd
+    h_s, w_s = (inputs[k].detach().clone().requires_grad_(True) for k in ("h_s", "w_s"))
+    teacher = divergence is not None
+    loss, _ = kd.chunked_kd_loss(h_s, w_s, inputs["h_t"] if teacher else None, inputs["w_t"] if teacher else None,
+                                 inputs["labels"], divergence or "reverse_kl", temperature, ce_weight)
+    loss.backward()
+    return {f"{tag}:loss": loss.detach(), f"{tag}:grad_hidden": h_s.grad, f"{tag}:grad_lm_head": w_s.grad}
+
+
+def kd_chunk_timing(device, gen, tokens=4096, vocab=49152, repeats=20) -> list[dict]:
+    """Milliseconds per KD chunk (bf16 [tokens, vocab] logits, loss + gradient): the Triton chunk against the
+    reference compiled as `chunked_kd_loss(compile_chunk=True)` runs it."""
+    from distill import kd, kd_kernels
+    zs = (torch.randn(tokens, vocab, generator=gen) * 3).to(device, torch.bfloat16)
+    zt = (torch.randn(tokens, vocab, generator=gen) * 3).to(device, torch.bfloat16)
+    labels = torch.randint(0, vocab, (tokens,), generator=gen).to(device)
+    coef = torch.tensor(1.0 / tokens, device=device)
+    zero = torch.zeros((), device=device)
+    compiled = torch.compile(kd.kd_chunk, dynamic=False)
+    results = []
+    for divergence in ("reverse_kl", "forward_kl"):
+        row = {"divergence": divergence, "tokens": tokens, "vocab": vocab, "triton_block_ms": {}}
+
+        def time_ms(fn):
+            for _ in range(3):
+                fn(zs, zt, labels, coef, zero, divergence, 1.0, False, True)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                fn(zs, zt, labels, coef, zero, divergence, 1.0, False, True)
+            torch.cuda.synchronize()
+            return (time.perf_counter() - start) / repeats * 1e3
+        row["compiled_ref_ms"] = time_ms(compiled)
+        default = (kd_kernels.BLOCK_V, kd_kernels.NUM_WARPS)
+        for block, warps in (default, (1024, 4), (4096, 8), (4096, 16)):   # the default first, then candidates
+            kd_kernels.BLOCK_V, kd_kernels.NUM_WARPS = block, warps
+            row["triton_block_ms"][f"{block}x{warps}w"] = time_ms(kd_kernels.kd_chunk_triton)
+        kd_kernels.BLOCK_V, kd_kernels.NUM_WARPS = default
+        row["triton_ms"] = row["triton_block_ms"][f"{default[0]}x{default[1]}w"]
+        # bytes moved by two reads of both logit tensors and one gradient write, at the measured time
+        row["triton_GBps"] = 3 * zs.numel() * zs.element_size() / row["triton_ms"] / 1e6
+        results.append(row)
+        others = ", ".join(f"{k} {v:.3f}" for k, v in row["triton_block_ms"].items())
+        print(f"  kd chunk {divergence} {tokens}x{vocab} bf16: compiled reference {row['compiled_ref_ms']:.3f} ms, "
+              f"Triton {row['triton_ms']:.3f} ms ({row['triton_GBps']:.0f} GB/s); block x warps: {others}", flush=True)
+    return results
 
 
 def step_run(inputs, with_bias=True):
@@ -388,6 +441,24 @@ def main(argv=None):
                                                           attn=mode),
                 lambda: train_attn_run(attn, attn32_in, seq_idx, "attn"))
 
+    # the chunked KD loss at SmolLM2's lm_head (576 x 49152): 2 chunks of 4096 tokens, a fifth of them masked
+    kd_timing = None
+    if not wanted or any("kd".startswith(w) for w in wanted):
+        kd32 = {"h_s": torch.randn(8192, 576, generator=gen), "h_t": torch.randn(8192, 576, generator=gen),
+                "w_s": torch.randn(49152, 576, generator=gen) / 8, "w_t": torch.randn(49152, 576, generator=gen) / 8,
+                "labels": torch.randint(0, 49152, (8192,), generator=gen)}
+        kd32["labels"][torch.rand(8192, generator=gen) < 0.2] = -100
+        kd32 = {k: v.to(device) for k, v in kd32.items()}
+        kd_in = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in kd32.items()}
+        for divergence, temperature, ce_weight, tag in (("reverse_kl", 1.0, 0.0, "reverse"),
+                                                        ("forward_kl", 2.0, 0.3, "forward_T2_ce"),
+                                                        (None, 1.0, 1.0, "sft")):
+            compare("kd", lambda: kd_run(kd_in, divergence, temperature, ce_weight, tag),
+                    lambda: kd_run(kd32, divergence, temperature, ce_weight, tag))
+        if device.type == "cuda":
+            kd_timing = kd_chunk_timing(device, gen)
+        del kd32, kd_in
+
     heads, headdim, dstate = 9, 64, 64
     b, l = args.batch, args.seqlen
     scan_inputs = {"x": torch.randn(b, l, heads, headdim, generator=gen), "dt": torch.randn(b, l, heads, generator=gen),
@@ -425,7 +496,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     result = {"device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
               "kernel": kernel, "dtype": str(dtype), "batch": args.batch, "seqlen": args.seqlen, "layers": args.layers,
-              "tol": args.tol, "train_precision": args.train_precision, "seeds": args.seeds, "metric": "norm_rel = ||kernel - ref|| / ||ref|| (same dtype)", "rows": rows}
+              "tol": args.tol, "train_precision": args.train_precision, "seeds": args.seeds, "metric": "norm_rel = ||kernel - ref|| / ||ref|| (same dtype)", "rows": rows,
+              "kd_chunk_timing": kd_timing}
     (out / "gpu_check_kernels.json").write_text(json.dumps(result, indent=2))
     worst = max(rows, key=lambda r: r["norm_rel"])
     print(f"\nworst norm_rel: {worst['group']}: {worst['tensor']} {worst['norm_rel']:.3e}; "

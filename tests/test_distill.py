@@ -352,6 +352,95 @@ def test_chunked_kd_loss_matches_full_logit_reference(divergence, temperature, c
     assert gh_c[labels == -100].abs().max() == 0                # masked tokens get no gradient
 
 
+KD_KERNEL_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from distill import kd, kd_kernels
+kd_kernels.BLOCK_V = 64        # several vocabulary blocks (the online rescaling) and a ragged last one
+g = torch.Generator().manual_seed(0)
+T, V = 13, 300
+cases = [(div, temp, with_ce, teacher) for div in ("reverse_kl", "forward_kl") for temp in (1.0, 2.0)
+         for with_ce in (False, True) for teacher in (True, False) if teacher or with_ce]
+for div, temp, with_ce, teacher in cases:
+    zs = torch.randn(T, V, generator=g) * 3
+    zt = torch.randn(T, V, generator=g) * 3 if teacher else None
+    labels = torch.randint(0, V, (T,), generator=g)
+    labels[[2, 7]] = -100
+    kl_coef, ce_coef = torch.tensor(0.37), torch.tensor(0.21 if with_ce else 0.0)
+    ref = kd.kd_chunk(zs, zt, labels, kl_coef, ce_coef, div, temp, with_ce, True)
+    logits = zs.clone()
+    out = kd_kernels.kd_chunk_triton(logits, zt, labels, kl_coef, ce_coef, div, temp, with_ce, True,
+                                     overwrite_logits=True)
+    assert out[2] is logits                                     # the gradient over the consumed logits
+    for name, a, b in zip(("kl", "ce", "grad"), out, ref):
+        err = float((a - b).abs().max()) / max(float(b.abs().max()), 1e-6)
+        assert err < 1e-5, (div, temp, with_ce, teacher, name, err)
+    assert out[2][[2, 7]].abs().max() == 0                      # masked tokens: no gradient
+    no_grad = kd_kernels.kd_chunk_triton(zs, zt, labels, kl_coef, ce_coef, div, temp, with_ce, False)
+    assert no_grad[2] is None and torch.allclose(no_grad[0], ref[0], rtol=1e-5)
+# through chunked_kd_loss: THINKFAST_KD_KERNEL=triton (this process) against the reference, values and grads
+B, L, Dm, V = 2, 19, 16, 150
+h_s, h_t = torch.randn(B, L, Dm, generator=g), torch.randn(B, L, Dm, generator=g)
+w_s, w_t = torch.randn(V, Dm, generator=g) * 0.5, torch.randn(V, Dm, generator=g) * 0.5
+labels = torch.randint(0, V, (B, L), generator=g)
+labels[0, :5] = -100
+for div, temp, ce_w in (("reverse_kl", 1.0, 0.0), ("forward_kl", 2.0, 0.3)):
+    results = []
+    for mode in ("ref", "triton"):
+        kd_kernels.KD_KERNEL_MODE = mode
+        assert kd_kernels.use_triton_kd(h_s) == (mode == "triton")
+        hs, ws = h_s.clone().requires_grad_(), w_s.clone().requires_grad_()
+        loss, stats = kd.chunked_kd_loss(hs, ws, h_t, w_t, labels, div, temp, ce_w, chunk_tokens=16)
+        (loss * 1.3).backward()
+        results.append((loss.detach(), hs.grad, ws.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+print("kd kernel OK")
+"""
+
+
+def test_triton_kd_chunk_matches_reference_under_interpreter():
+    """The fused KD chunk (distill.kd_kernels, THINKFAST_KD_KERNEL=auto on CUDA) against `kd.kd_chunk` on CPU via
+    Triton's interpreter, fp32: reverse and forward KL, T = 1 and 2, with and without CE, SFT (no teacher), masked
+    tokens, a vocabulary over several blocks with a ragged last one, the in-place gradient; then `chunked_kd_loss`
+    end to end (loss, hidden-state and lm_head grads) with the kernel against the reference."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", THINKFAST_KERNELS="auto")
+    env.pop("THINKFAST_KD_KERNEL", None)
+    proc = subprocess.run([sys.executable, "-c", KD_KERNEL_SCRIPT, str(Path(__file__).resolve().parents[1])],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "kd kernel OK" in proc.stdout
+
+
+def test_kd_kernel_dispatch_and_fallback(monkeypatch):
+    """auto: the Triton chunk for CUDA logits only; a misspelt mode is named; a Triton chunk that raises warns and
+    the reference gives the same loss (and runs from then on)."""
+    from distill import kd, kd_kernels
+    x = torch.randn(2, 3)
+    monkeypatch.setattr(kd_kernels, "KD_KERNEL_MODE", None)
+    monkeypatch.delenv("THINKFAST_KD_KERNEL", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert kd_kernels.kd_kernel_mode() == "auto" and not kd_kernels.use_triton_kd(x)
+    monkeypatch.setenv("THINKFAST_KD_KERNEL", "fused")
+    with pytest.raises(ValueError, match="THINKFAST_KD_KERNEL must be one of auto, ref, triton"):
+        kd_kernels.kd_kernel_mode()
+    monkeypatch.delenv("THINKFAST_KD_KERNEL")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel here")
+    g = torch.Generator().manual_seed(0)
+    h_s, h_t, w = torch.randn(1, 6, 8, generator=g), torch.randn(1, 6, 8, generator=g), torch.randn(20, 8, generator=g)
+    labels = torch.randint(0, 20, (1, 6), generator=g)
+    expected, _ = kd.chunked_kd_loss(h_s, w, h_t, w, labels)
+    monkeypatch.setattr(kd_kernels, "use_triton_kd", lambda t: True)
+    monkeypatch.setattr(kd_kernels, "kd_chunk_triton", broken)
+    monkeypatch.setattr(kd, "_TRITON_CHUNK_FAILED", [])
+    with pytest.warns(UserWarning, match="Triton KD chunk .* failed .*no kernel here"):
+        loss, _ = kd.chunked_kd_loss(h_s, w, h_t, w, labels)
+    assert torch.equal(loss, expected) and len(kd._TRITON_CHUNK_FAILED) == 1
+
+
 def test_kd_objective_chunked_equals_reference_on_students(tiny_teacher):
     """KDObjective end to end (teacher lm_head skipped; student hidden via the model) equals the full-logit path."""
     from transformers import AutoModelForCausalLM
