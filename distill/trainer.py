@@ -84,7 +84,7 @@ class StageConfig:
     save_every: int = 200  # steps; rounded up to a multiple of log_every
     keep_checkpoints: int = 2
     compile: bool | None = None  # None: on for CUDA (falls back to eager with a warning if it fails)
-    compile_mode: str = "regional"  # regional | layers (see compile_regions)
+    compile_mode: str = "regional"  # regional | layers | regional-cudagraphs | layers-cudagraphs (compile_regions)
     grad_checkpointing: bool = False
     teacher_attn: str | None = None  # KD stages: the HF teacher's attn_implementation, e.g. flex_attention
     student_attn: str | None = None  # sdpa | varlen | flex: the students' packed attention (None: $THINKFAST_TRAIN_ATTN)
@@ -122,8 +122,11 @@ def sequence_mixing_flops(model, seq_len: int) -> int:
     """Forward FLOPs per token that parameters do not count: attention scores and values, and the SSD scan.
 
     Attention layer (H query heads of d): QK^T and PV are 2 * H * d FLOPs per key each; a causal token sees on
-    average (L + 1) / 2 keys, so 2 * H * d * (L + 1) per token. We count this useful causal work only: kernels that
-    take a dense block-diagonal mask (packed documents) do more, so MFU is, if anything, understated.
+    average (L + 1) / 2 keys, so 2 * H * d * (L + 1) per token: causal attention over the whole context, whatever
+    the packing. That is half of what the PaLM / Megatron convention counts (every key of the context). It is not
+    the work the kernels do on packed documents: SDPA with a dense block-diagonal mask does the full L x L, and
+    FlexAttention's document block mask skips the blocks between documents, so with documents much shorter than L
+    it does well under this count.
     SSD layer (H heads, head dim P, state N, chunk Q), as mamba-ssm's chunked kernels run it: intra-chunk C B^T and
     its product with x, causal within the chunk, 2 * H * (N + P) * (Q + 1) / 2; chunk states and their read-out
     2 * H * P * N each."""
@@ -166,6 +169,9 @@ def _set_compile_limits():
             setattr(dynamo_config, name, max(64, getattr(dynamo_config, name)))
 
 
+COMPILE_MODES = ("regional", "layers", "regional-cudagraphs", "layers-cudagraphs")
+
+
 def compile_regions(model, mode: str = "regional") -> list:
     """torch.compile parts of a model in place (`nn.Module.compile`, so state_dict keys do not change); returns the
     compiled modules (give them to `uncompile`).
@@ -174,10 +180,15 @@ def compile_regions(model, mode: str = "regional") -> list:
       attention layers). Mamba mixers stay eager: they call mamba-ssm's Triton kernels through autograd.Functions
       that dynamo should not trace.
     layers: every decoder layer whole, with the SSD scan and the gated-RMSNorm dispatchers wrapped in
-      torch.compiler.disable (graph breaks around the kernels; fuses the conv and the projections' epilogues)."""
-    if mode not in ("regional", "layers"):
-        raise ValueError(f"unknown compile_mode {mode!r}; choose regional or layers")
+      torch.compiler.disable (graph breaks around the kernels; fuses the conv and the projections' epilogues).
+    regional-cudagraphs / layers-cudagraphs: the same regions with mode="reduce-overhead" (inductor's CUDA graph
+      trees replay each compiled piece; callers mark each micro-step with torch.compiler.cudagraph_mark_step_begin).
+      For host-bound steps; an experiment beside the graphed SSD scan, not a recipe default."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile_mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
     _set_compile_limits()
+    mode, _, graphs = mode.partition("-")
+    options = {"mode": "reduce-overhead"} if graphs else {}
     if mode == "layers":
         from harness_ext.models import ssd
         for name in ("ssd_scan", "ssd_scan_train", "gated_rmsnorm"):
@@ -195,11 +206,11 @@ def compile_regions(model, mode: str = "regional") -> list:
             parts = [m for m in (getattr(layer, n, None) for n in ("input_layernorm", "post_attention_layernorm", "mlp"))
                      if m is not None]
         for part in parts:
-            part.compile()
+            part.compile(**options)
             compiled.append(part)
     norm = getattr(getattr(model, "model", None), "norm", None)
     if norm is not None:
-        norm.compile()
+        norm.compile(**options)
         compiled.append(norm)
     return compiled
 
@@ -425,6 +436,7 @@ class Trainer:
         if cfg.grad_checkpointing:
             self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.compiled: list = []
+        self._cudagraphs = cfg.compile_mode.endswith("-cudagraphs")
         use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
         if use_compile:
             try:
@@ -432,7 +444,7 @@ class Trainer:
                 # Only the KD objectives run the teacher plainly; MOHAWK hooks into its layers (and switches its
                 # attention implementation), which compiled regions would trace or recompile.
                 if self.teacher is not None and hasattr(self.objective, "compile_chunk"):
-                    self.compiled += compile_regions(self.teacher, "regional")
+                    self.compiled += compile_regions(self.teacher, "regional" + ("-cudagraphs" * self._cudagraphs))
                 if hasattr(self.objective, "compile_chunk"):
                     self.objective.compile_chunk = True
             except Exception as error:  # noqa: BLE001 - compile is an optimisation: never fatal
@@ -457,6 +469,11 @@ class Trainer:
         self.peak = peak_flops(self.device)
         self.flops = training_flops_per_token(self.student, self.teacher, cfg.seq_len)
         self.flops_per_token = self.flops["total"]
+
+    def _mark_step(self):
+        """compile_mode *-cudagraphs: a new micro-step, so the graph trees may reuse the last one's output memory."""
+        if self._cudagraphs and self.compiled:
+            torch.compiler.cudagraph_mark_step_begin()
 
     def _disable_compile(self, error):
         warnings.warn(f"[distill] torch.compile failed ({type(error).__name__}: {str(error)[:500]}); "
@@ -483,6 +500,7 @@ class Trainer:
         t0 = time.perf_counter()
         try:
             batch = self._batch(step, 0)
+            self._mark_step()
             with self._autocast():
                 teacher_out = self.objective.teacher_forward(self.teacher, batch)
                 loss, _ = self.objective(batch, teacher_out)
@@ -563,6 +581,7 @@ class Trainer:
         cfg, dev = self.cfg, self.device
         for micro in range(cfg.grad_accum):
             batch = self._batch(step, micro)
+            self._mark_step()
             sync = micro == cfg.grad_accum - 1 or self.world == 1
             ctx = self.module.no_sync() if (not sync and hasattr(self.module, "no_sync")) else nullcontext()
             with ctx:
@@ -677,6 +696,8 @@ def evaluate(student, teacher, batches, device=None) -> dict:
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
+        if device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()   # compiled with CUDA graphs: the last batch's outputs are done
         with ctx:
             s = model_forward(student, batch).logits
             t = model_forward(teacher, batch).logits

@@ -33,7 +33,9 @@ Configurations (micro-batches: --micro-batches if given, else the default in bra
   layers-flex-all    chunked-layers with the teacher's and the students' attention on FlexAttention
   chunked-graph      chunked-compile with THINKFAST_TRAIN_SCAN=graph (each mixer's SSD scan forward and backward
                      replayed from CUDA graphs: no per-call host work in mamba-ssm's Python)
-  layers-flex-graph  layers-flex-all with THINKFAST_TRAIN_SCAN=graph
+  layers-flex-graph  layers-flex-all with THINKFAST_TRAIN_SCAN=graph (the recipes' settings)
+  layers-flex-graph-cg  layers-flex-graph with compile_mode=layers-cudagraphs (inductor's CUDA graph trees replay
+                     the compiled pieces of every layer and of the teacher)
   chunked-ckpt       chunked KD loss, regional compile, gradient checkpointing (for micro-batches that OOM without)
   chunked-compile-conv   chunked-compile with THINKFAST_CONV=triton (Triton depthwise conv in the Mamba mixers)
   chunked-compile-varlen chunked-compile with THINKFAST_TRAIN_ATTN=varlen (students' attention: one flash call
@@ -76,6 +78,9 @@ CONFIGS = {
                           env={"THINKFAST_TRAIN_SCAN": "graph"}),
     "layers-flex-graph": dict(chunked_loss=True, compile=True, compile_mode="layers", teacher_attn="flex_attention",
                               env={"THINKFAST_TRAIN_ATTN": "flex", "THINKFAST_TRAIN_SCAN": "graph"}),
+    "layers-flex-graph-cg": dict(chunked_loss=True, compile=True, compile_mode="layers-cudagraphs",
+                                 teacher_attn="flex_attention",
+                                 env={"THINKFAST_TRAIN_ATTN": "flex", "THINKFAST_TRAIN_SCAN": "graph"}),
     "chunked-ckpt": dict(chunked_loss=True, compile=True, compile_mode="regional", grad_checkpointing=True),
     "chunked-compile-conv": dict(chunked_loss=True, compile=True, compile_mode="regional",
                                  env={"THINKFAST_CONV": "triton"}),
