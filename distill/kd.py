@@ -23,9 +23,9 @@ Closed forms, with a = z_s / T, p = softmax(a), q = softmax(z_t / T), d = log p 
   reverse:  d KL(p||q) / d a = p * (d - KL)          forward:  d KL(q||p) / d a = p - q
   so d (T^2 KL) / d z_s = T * (the above);           CE:       d CE / d z_s = softmax(z_s) - onehot(label)
 
-Per chunk, `kd_chunk` (fp32 PyTorch, through torch.compile when the stage compiles) is the reference; on CUDA the
-fused Triton chunk `distill.kd_kernels.kd_chunk_triton` runs instead (two passes over the logits, the gradient
-written over the consumed student logits; THINKFAST_KD_KERNEL=ref for the reference).
+Per chunk, `kd_chunk` (fp32 PyTorch, through torch.compile when the stage compiles) runs by default;
+THINKFAST_KD_KERNEL=triton runs the fused Triton chunk `distill.kd_kernels.kd_chunk_triton` instead (two passes
+over the logits, the gradient written over the consumed student logits; see there for why it is opt-in).
 """
 from __future__ import annotations
 

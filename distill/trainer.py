@@ -84,7 +84,7 @@ class StageConfig:
     save_every: int = 200  # steps; rounded up to a multiple of log_every
     keep_checkpoints: int = 2
     compile: bool | None = None  # None: on for CUDA (falls back to eager with a warning if it fails)
-    compile_mode: str = "regional"  # regional | layers | regional-cudagraphs | layers-cudagraphs (compile_regions)
+    compile_mode: str = "regional"  # regional | layers (see compile_regions)
     grad_checkpointing: bool = False
     teacher_attn: str | None = None  # KD stages: the HF teacher's attn_implementation, e.g. flex_attention
     student_attn: str | None = None  # sdpa | varlen | flex: the students' packed attention (None: $THINKFAST_TRAIN_ATTN)
@@ -169,7 +169,7 @@ def _set_compile_limits():
             setattr(dynamo_config, name, max(64, getattr(dynamo_config, name)))
 
 
-COMPILE_MODES = ("regional", "layers", "regional-cudagraphs", "layers-cudagraphs")
+COMPILE_MODES = ("regional", "layers")
 
 
 def compile_regions(model, mode: str = "regional") -> list:
@@ -181,14 +181,11 @@ def compile_regions(model, mode: str = "regional") -> list:
       that dynamo should not trace.
     layers: every decoder layer whole, with the SSD scan and the gated-RMSNorm dispatchers wrapped in
       torch.compiler.disable (graph breaks around the kernels; fuses the conv and the projections' epilogues).
-    regional-cudagraphs / layers-cudagraphs: the same regions with mode="reduce-overhead" (inductor's CUDA graph
-      trees replay each compiled piece; callers mark each micro-step with torch.compiler.cudagraph_mark_step_begin).
-      For host-bound steps; an experiment beside the graphed SSD scan, not a recipe default."""
+    (Inductor's CUDA graph trees over these regions, mode="reduce-overhead", were measured on an H200 and dropped:
+    no faster for Llamba, 15x slower for MambaInLlama; leaderboards/README.md.)"""
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile_mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
     _set_compile_limits()
-    mode, _, graphs = mode.partition("-")
-    options = {"mode": "reduce-overhead"} if graphs else {}
     if mode == "layers":
         from harness_ext.models import ssd
         for name in ("ssd_scan", "ssd_scan_train", "gated_rmsnorm"):
@@ -206,11 +203,11 @@ def compile_regions(model, mode: str = "regional") -> list:
             parts = [m for m in (getattr(layer, n, None) for n in ("input_layernorm", "post_attention_layernorm", "mlp"))
                      if m is not None]
         for part in parts:
-            part.compile(**options)
+            part.compile()
             compiled.append(part)
     norm = getattr(getattr(model, "model", None), "norm", None)
     if norm is not None:
-        norm.compile(**options)
+        norm.compile()
         compiled.append(norm)
     return compiled
 
@@ -436,7 +433,6 @@ class Trainer:
         if cfg.grad_checkpointing:
             self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.compiled: list = []
-        self._cudagraphs = cfg.compile_mode.endswith("-cudagraphs")
         use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
         if use_compile:
             try:
@@ -444,7 +440,7 @@ class Trainer:
                 # Only the KD objectives run the teacher plainly; MOHAWK hooks into its layers (and switches its
                 # attention implementation), which compiled regions would trace or recompile.
                 if self.teacher is not None and hasattr(self.objective, "compile_chunk"):
-                    self.compiled += compile_regions(self.teacher, "regional" + ("-cudagraphs" * self._cudagraphs))
+                    self.compiled += compile_regions(self.teacher, "regional")
                 if hasattr(self.objective, "compile_chunk"):
                     self.objective.compile_chunk = True
             except Exception as error:  # noqa: BLE001 - compile is an optimisation: never fatal
@@ -469,11 +465,6 @@ class Trainer:
         self.peak = peak_flops(self.device)
         self.flops = training_flops_per_token(self.student, self.teacher, cfg.seq_len)
         self.flops_per_token = self.flops["total"]
-
-    def _mark_step(self):
-        """compile_mode *-cudagraphs: a new micro-step, so the graph trees may reuse the last one's output memory."""
-        if self._cudagraphs and self.compiled:
-            torch.compiler.cudagraph_mark_step_begin()
 
     def _disable_compile(self, error):
         warnings.warn(f"[distill] torch.compile failed ({type(error).__name__}: {str(error)[:500]}); "
@@ -500,7 +491,6 @@ class Trainer:
         t0 = time.perf_counter()
         try:
             batch = self._batch(step, 0)
-            self._mark_step()
             with self._autocast():
                 teacher_out = self.objective.teacher_forward(self.teacher, batch)
                 loss, _ = self.objective(batch, teacher_out)
@@ -581,7 +571,6 @@ class Trainer:
         cfg, dev = self.cfg, self.device
         for micro in range(cfg.grad_accum):
             batch = self._batch(step, micro)
-            self._mark_step()
             sync = micro == cfg.grad_accum - 1 or self.world == 1
             ctx = self.module.no_sync() if (not sync and hasattr(self.module, "no_sync")) else nullcontext()
             with ctx:
@@ -696,8 +685,6 @@ def evaluate(student, teacher, batches, device=None) -> dict:
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        if device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()   # compiled with CUDA graphs: the last batch's outputs are done
         with ctx:
             s = model_forward(student, batch).logits
             t = model_forward(teacher, batch).logits

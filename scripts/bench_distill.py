@@ -14,9 +14,9 @@
     # the same with any environment: one run of the chosen configs per --env (an empty one = as is)
     python scripts/bench_distill.py --out runs/bench_distill_ab --configs chunked-compile --micro-batches 16 \
         --env "" --env THINKFAST_CONV=triton,THINKFAST_TRAIN_ATTN=varlen
-    # the fused Triton KD chunk (default on CUDA) against the compiled reference chunk
+    # the fused Triton KD chunk (opt-in) against the compiled reference chunk, order-balanced
     python scripts/bench_distill.py --out runs/bench_distill_kd --configs layers-flex-graph --micro-batches 16 \
-        --env THINKFAST_KD_KERNEL=ref --env ""
+        --env THINKFAST_KD_KERNEL=triton --env "" --env THINKFAST_KD_KERNEL=triton
 
 Each configuration runs the real `distill.trainer.Trainer` step (`Trainer.train_step`: teacher forward, student
 forward + backward, clip, fused AdamW) for `--warmup` untimed and `--steps` timed optimizer steps on one device,
@@ -34,8 +34,6 @@ Configurations (micro-batches: --micro-batches if given, else the default in bra
   chunked-graph      chunked-compile with THINKFAST_TRAIN_SCAN=graph (each mixer's SSD scan forward and backward
                      replayed from CUDA graphs: no per-call host work in mamba-ssm's Python)
   layers-flex-graph  layers-flex-all with THINKFAST_TRAIN_SCAN=graph (the recipes' settings)
-  layers-flex-graph-cg  layers-flex-graph with compile_mode=layers-cudagraphs (inductor's CUDA graph trees replay
-                     the compiled pieces of every layer and of the teacher)
   chunked-ckpt       chunked KD loss, regional compile, gradient checkpointing (for micro-batches that OOM without)
   chunked-compile-conv   chunked-compile with THINKFAST_CONV=triton (Triton depthwise conv in the Mamba mixers)
   chunked-compile-varlen chunked-compile with THINKFAST_TRAIN_ATTN=varlen (students' attention: one flash call
@@ -78,9 +76,6 @@ CONFIGS = {
                           env={"THINKFAST_TRAIN_SCAN": "graph"}),
     "layers-flex-graph": dict(chunked_loss=True, compile=True, compile_mode="layers", teacher_attn="flex_attention",
                               env={"THINKFAST_TRAIN_ATTN": "flex", "THINKFAST_TRAIN_SCAN": "graph"}),
-    "layers-flex-graph-cg": dict(chunked_loss=True, compile=True, compile_mode="layers-cudagraphs",
-                                 teacher_attn="flex_attention",
-                                 env={"THINKFAST_TRAIN_ATTN": "flex", "THINKFAST_TRAIN_SCAN": "graph"}),
     "chunked-ckpt": dict(chunked_loss=True, compile=True, compile_mode="regional", grad_checkpointing=True),
     "chunked-compile-conv": dict(chunked_loss=True, compile=True, compile_mode="regional",
                                  env={"THINKFAST_CONV": "triton"}),

@@ -134,7 +134,8 @@ def scan_run(inputs, seq_idx, chunk):
 def kd_run(inputs, divergence, temperature, ce_weight, tag):
     """The chunked KD loss from hidden states (`thinkfast distill`'s loss): the Triton chunk under the kernel path
     (distill.kd_kernels), `kd.kd_chunk` under ref."""
-    from distill import kd
+    from distill import kd, kd_kernels
+    kd_kernels.KD_KERNEL_MODE = "triton"   # opt-in; THINKFAST_KERNELS=ref (the reference call) still turns it off
     h_s, w_s = (inputs[k].detach().clone().requires_grad_(True) for k in ("h_s", "w_s"))
     teacher = divergence is not None
     loss, _ = kd.chunked_kd_loss(h_s, w_s, inputs["h_t"] if teacher else None, inputs["w_t"] if teacher else None,

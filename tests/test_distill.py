@@ -400,7 +400,7 @@ print("kd kernel OK")
 
 
 def test_triton_kd_chunk_matches_reference_under_interpreter():
-    """The fused KD chunk (distill.kd_kernels, THINKFAST_KD_KERNEL=auto on CUDA) against `kd.kd_chunk` on CPU via
+    """The fused KD chunk (distill.kd_kernels, THINKFAST_KD_KERNEL=triton on CUDA) against `kd.kd_chunk` on CPU via
     Triton's interpreter, fp32: reverse and forward KL, T = 1 and 2, with and without CE, SFT (no teacher), masked
     tokens, a vocabulary over several blocks with a ragged last one, the in-place gradient; then `chunked_kd_loss`
     end to end (loss, hidden-state and lm_head grads) with the kernel against the reference."""
@@ -414,16 +414,18 @@ def test_triton_kd_chunk_matches_reference_under_interpreter():
 
 
 def test_kd_kernel_dispatch_and_fallback(monkeypatch):
-    """auto: the Triton chunk for CUDA logits only; a misspelt mode is named; a Triton chunk that raises warns and
-    the reference gives the same loss (and runs from then on)."""
+    """The reference by default; `triton` for CUDA logits only (or under the interpreter); a misspelt mode is
+    named; a Triton chunk that raises warns and the reference gives the same loss (and runs from then on)."""
     from distill import kd, kd_kernels
     x = torch.randn(2, 3)
     monkeypatch.setattr(kd_kernels, "KD_KERNEL_MODE", None)
     monkeypatch.delenv("THINKFAST_KD_KERNEL", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert kd_kernels.kd_kernel_mode() == "auto" and not kd_kernels.use_triton_kd(x)
+    assert kd_kernels.kd_kernel_mode() == "ref" and not kd_kernels.use_triton_kd(x)
+    monkeypatch.setenv("THINKFAST_KD_KERNEL", "triton")
+    assert not kd_kernels.use_triton_kd(x)                    # a CPU tensor, no interpreter: the reference
     monkeypatch.setenv("THINKFAST_KD_KERNEL", "fused")
-    with pytest.raises(ValueError, match="THINKFAST_KD_KERNEL must be one of auto, ref, triton"):
+    with pytest.raises(ValueError, match="THINKFAST_KD_KERNEL must be one of ref, triton, got 'fused'"):
         kd_kernels.kd_kernel_mode()
     monkeypatch.delenv("THINKFAST_KD_KERNEL")
 
