@@ -167,6 +167,12 @@ def _set_compile_limits():
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(dynamo_config, name):
             setattr(dynamo_config, name, max(64, getattr(dynamo_config, name)))
+    # DDPOptimizer splits one whole-model graph at gradient-bucket boundaries so all-reduce overlaps the backward.
+    # Our regions are single layers already, and a region first compiled under DDP would go through it, giving
+    # different graphs from the ones the probe step compiled outside DDP (cold compiles, no cache hits): on 2 H200s
+    # the first DDP step took 138 s with compile_mode=layers (leaderboards/distill/scaling_2gpu_defaults_h200).
+    if hasattr(dynamo_config, "optimize_ddp"):
+        dynamo_config.optimize_ddp = False
 
 
 COMPILE_MODES = ("regional", "layers")
@@ -666,6 +672,10 @@ class Trainer:
             bar.update(1)
         bar.close()
         self.restore_teacher_attn()
+        # The held-out evaluation and the next stage run after this: compiled regions would recompile for no_grad
+        # and the eval shapes (a second full compile for a few forward passes). Eager is fine there.
+        uncompile(self.compiled)
+        self.compiled = []
         from harness_ext.models import ssd
         ssd.release_scan_graphs()       # THINKFAST_TRAIN_SCAN=graph: the next stage's shapes or trainable set differ
         if start_step < self.total_steps:

@@ -217,6 +217,21 @@ def _kd_trainer(tiny_teacher, stage_dir, steps=6, fault_hook=None, seed=0, **ove
                    tokenizer=tok, device=torch.device("cpu"), fault_hook=fault_hook, progress=False)
 
 
+def test_compiled_regions_released_after_training(tiny_teacher, tmp_path, capsys):
+    """A compiled stage hands back eager models when it ends: the held-out evaluation (no_grad, other shapes) and the
+    next stage would otherwise recompile every region for a few forward passes. Compiling also turns dynamo's
+    DDPOptimizer off (regions are single layers; under DDP it recompiled them all at the first step)."""
+    import torch._dynamo.config as dynamo_config
+    trainer = _kd_trainer(tiny_teacher, tmp_path / "kd", steps=2, compile=True, compile_mode="layers")
+    trainer.train()
+    assert "kd: compiled 10 regions" in capsys.readouterr().out        # it did train compiled
+    assert trainer.compiled == [] and dynamo_config.optimize_ddp is False
+    modules = list(trainer.student.modules()) + list(trainer.teacher.modules())
+    assert not any(getattr(m, "_compiled_call_impl", None) is not None for m in modules)
+    assert len(losses(tmp_path / "kd")) == 2
+    torch._dynamo.reset()
+
+
 def test_graphed_scan_refuses_gradient_checkpointing(tiny_teacher, tmp_path, monkeypatch):
     """Checkpointing replays each layer's forward inside the backward; the captured scans cannot serve that, whether
     the environment or the stage asks for them."""
