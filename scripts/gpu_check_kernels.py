@@ -135,12 +135,17 @@ def kd_run(inputs, divergence, temperature, ce_weight, tag):
     """The chunked KD loss from hidden states (`thinkfast distill`'s loss): the Triton chunk under the kernel path
     (distill.kd_kernels), `kd.kd_chunk` under ref."""
     from distill import kd, kd_kernels
-    kd_kernels.KD_KERNEL_MODE = "triton"   # opt-in; THINKFAST_KERNELS=ref (the reference call) still turns it off
     h_s, w_s = (inputs[k].detach().clone().requires_grad_(True) for k in ("h_s", "w_s"))
     teacher = divergence is not None
-    loss, _ = kd.chunked_kd_loss(h_s, w_s, inputs["h_t"] if teacher else None, inputs["w_t"] if teacher else None,
-                                 inputs["labels"], divergence or "reverse_kl", temperature, ce_weight)
-    loss.backward()
+    # the kernel is opt-in: switch it on here; THINKFAST_KERNELS=ref (the reference call) still turns it off
+    before, kd_kernels.KD_KERNEL_MODE = kd_kernels.KD_KERNEL_MODE, "triton"
+    try:
+        loss, _ = kd.chunked_kd_loss(h_s, w_s, inputs["h_t"] if teacher else None,
+                                     inputs["w_t"] if teacher else None, inputs["labels"], divergence or "reverse_kl",
+                                     temperature, ce_weight)
+        loss.backward()
+    finally:
+        kd_kernels.KD_KERNEL_MODE = before
     return {f"{tag}:loss": loss.detach(), f"{tag}:grad_hidden": h_s.grad, f"{tag}:grad_lm_head": w_s.grad}
 
 
