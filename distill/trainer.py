@@ -19,7 +19,9 @@ under no_grad without its lm_head, `compile` (default: on for CUDA) torch.compil
 teacher (`compile_regions`; a failing compile falls back to eager with a warning after a probe step), and
 `grad_checkpointing` recomputes decoder layers in the backward when memory, not compute, bounds the micro-batch.
 MFU accounting is `training_flops_per_token` (documented there); each JSONL record carries `mfu`, `tflops`,
-`flops_per_token`, `peak_flops` and `max_mem_gb`.
+`flops_per_token`, `peak_flops` and `max_mem_gb`; on packed data also `doc_attention_frac` (the share of causal
+attention pairs inside documents, `within_document_attention`) and `mfu_within_docs` (MFU with the attention term cut
+to those pairs).
 
 The loop does not sync with the host between logging points: the loss and a "first non-finite step" marker
 accumulate on the device and are read every `log_every` steps (and before every save). A NaN/inf loss stops the
@@ -118,7 +120,7 @@ def _decoder_layers(model):
     return getattr(getattr(model, "model", None), "layers", None) or []
 
 
-def sequence_mixing_flops(model, seq_len: int) -> int:
+def sequence_mixing_flops(model, seq_len: int, attention_only: bool = False) -> int:
     """Forward FLOPs per token that parameters do not count: attention scores and values, and the SSD scan.
 
     Attention layer (H query heads of d): QK^T and PV are 2 * H * d FLOPs per key each; a causal token sees on
@@ -139,7 +141,7 @@ def sequence_mixing_flops(model, seq_len: int) -> int:
             heads = getattr(attn, "num_heads", None) or config.num_attention_heads
             head_dim = getattr(attn, "head_dim", None) or config.hidden_size // config.num_attention_heads
             flops += 2 * heads * head_dim * (seq_len + 1)
-        elif mixer is not None and hasattr(mixer, "nheads"):
+        elif mixer is not None and hasattr(mixer, "nheads") and not attention_only:
             h, p, n = mixer.nheads, mixer.headdim, mixer.d_state
             q = min(getattr(mixer, "chunk_size", 256), seq_len)
             flops += h * (n + p) * (q + 1) + 4 * h * p * n
@@ -155,7 +157,20 @@ def training_flops_per_token(student, teacher, seq_len: int) -> dict:
     parts of the student (MOHAWK 1-2) skip some weight gradients; their MFU is an upper estimate."""
     s_fwd = 2 * matmul_params(student) + sequence_mixing_flops(student, seq_len)
     t_fwd = 2 * matmul_params(teacher) + sequence_mixing_flops(teacher, seq_len) if teacher is not None else 0
-    return {"student": 3 * s_fwd, "teacher": t_fwd, "total": 3 * s_fwd + t_fwd}
+    attention = 3 * sequence_mixing_flops(student, seq_len, attention_only=True) + (
+        sequence_mixing_flops(teacher, seq_len, attention_only=True) if teacher is not None else 0)
+    return {"student": 3 * s_fwd, "teacher": t_fwd, "total": 3 * s_fwd + t_fwd, "attention": attention}
+
+
+def within_document_attention(seq_idx: torch.Tensor) -> torch.Tensor:
+    """Of the causal (query, key <= query) pairs of packed rows [B, L] (segment ids 0, 1, ... per row, as
+    `PackedStream` numbers them), the fraction inside one document: sum of l (l + 1) / 2 over the documents, over
+    B L (L + 1) / 2. The attention count above assumes 1; with FlexAttention's document mask the kernels do about
+    this fraction of it. A 0-d float tensor on seq_idx's device (no host sync)."""
+    rows, length = seq_idx.shape
+    counts = torch.zeros(rows, length, dtype=torch.float32, device=seq_idx.device)
+    counts.scatter_add_(1, seq_idx.long(), torch.ones_like(counts))
+    return (counts * (counts + 1)).sum() / (rows * length * (length + 1))
 
 
 # ----------------------------------------------------------------------------- torch.compile
@@ -587,6 +602,8 @@ class Trainer:
                     loss = self.fault_hook(step, loss)
                 (loss / cfg.grad_accum).backward()
             self._loss_sum += loss.detach() / cfg.grad_accum
+            if "seq_idx" in batch:
+                stats = {**stats, "doc_attention_frac": within_document_attention(batch["seq_idx"])}
             for k, v in stats.items():
                 self._stat_sums[k] = self._stat_sums.get(k, torch.zeros((), device=dev)) + v.float() / cfg.grad_accum
             bad = ~torch.isfinite(loss.detach())
@@ -656,6 +673,11 @@ class Trainer:
                 # MFU: model FLOPs (training_flops_per_token) over the dense bf16 peak of every GPU in the job.
                 record["tflops"] = tok_s * self.flops_per_token / self.world / 1e12   # per GPU
                 record["mfu"] = (tok_s * self.flops_per_token / (self.peak * self.world)) if self.peak else None
+                if self.peak and "doc_attention_frac" in record:
+                    # the same with the attention term cut to the pairs inside documents (the work FlexAttention
+                    # does on packed rows; `mfu` counts causal attention over the whole context)
+                    useful = self.flops_per_token - self.flops["attention"] * (1.0 - record["doc_attention_frac"])
+                    record["mfu_within_docs"] = tok_s * useful / (self.peak * self.world)
                 record["flops_per_token"] = self.flops_per_token
                 record["peak_flops"] = self.peak
                 if dev.type == "cuda":

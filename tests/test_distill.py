@@ -232,6 +232,34 @@ def test_compiled_regions_released_after_training(tiny_teacher, tmp_path, capsys
     torch._dynamo.reset()
 
 
+def test_mfu_within_documents(tiny_teacher, tmp_path, monkeypatch):
+    """The share of causal attention pairs inside documents, and the MFU with the attention term cut to it."""
+    from distill.trainer import within_document_attention
+    seq = torch.tensor([[0, 0, 0, 1, 1, 2], [0, 0, 0, 0, 0, 0]])
+    # documents of 3, 2, 1 tokens: 6 + 3 + 1 pairs of 21; one document of 6: 21 of 21
+    assert within_document_attention(seq).item() == pytest.approx((10 + 21) / 42)
+    monkeypatch.setenv("THINKFAST_PEAK_FLOPS", "1e12")
+    from transformers import AutoModelForCausalLM
+    from harness_ext.models.init_from_teacher import init_student
+    g = torch.Generator().manual_seed(0)
+    docs = [D.Document(torch.randint(3, 300, (n,), generator=g).numpy().astype("int32"), torch.ones(n).bool().numpy())
+            for n in (9, 20, 13, 22) * 8]                   # short documents: several per 64-token row
+    cfg = StageConfig(name="kd", objective="kd", max_tokens=2 * 2 * 64, seq_len=64, micro_batch_size=2, lr=1e-3,
+                      log_every=1, save_every=0)
+    trainer = Trainer(KDObjective(init_student(tiny_teacher, "mambainllama")),
+                      AutoModelForCausalLM.from_pretrained(tiny_teacher), D.PackedStream(docs, 64, seed=0), cfg,
+                      tmp_path / "kd", device=torch.device("cpu"), progress=False)
+    trainer.train()
+    rows = [json.loads(line) for line in open(tmp_path / "kd" / "metrics.jsonl")]
+    attention = trainer.flops["attention"]
+    assert len(rows) == 2 and 0 < attention < trainer.flops["total"]
+    for row in rows:
+        assert 0 < row["doc_attention_frac"] < 0.5
+        useful = row["flops_per_token"] - attention * (1 - row["doc_attention_frac"])
+        assert row["mfu_within_docs"] == pytest.approx(row["tokens_per_s"] * useful / 1e12)
+        assert row["mfu_within_docs"] < row["mfu"]
+
+
 def test_graphed_scan_refuses_gradient_checkpointing(tiny_teacher, tmp_path, monkeypatch):
     """Checkpointing replays each layer's forward inside the backward; the captured scans cannot serve that, whether
     the environment or the stage asks for them."""
