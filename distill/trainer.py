@@ -405,7 +405,8 @@ class Trainer:
         if stream.seq_len != cfg.seq_len:
             raise ValueError(f"stream packs rows of {stream.seq_len} tokens but the stage wants {cfg.seq_len}")
         from harness_ext.models import runtime, ssd
-        for key, allowed in (("student_attn", runtime.TRAIN_ATTN_MODES), ("train_scan", ssd.TRAIN_SCAN_MODES)):
+        for key, allowed in (("student_attn", runtime.TRAIN_ATTN_MODES), ("train_scan", ssd.TRAIN_SCAN_MODES),
+                             ("compile_mode", COMPILE_MODES)):
             if getattr(cfg, key) is not None and getattr(cfg, key) not in allowed:
                 raise ValueError(f"stage {cfg.name!r}: {key} must be one of {', '.join(allowed)}, "
                                  f"got {getattr(cfg, key)!r}")

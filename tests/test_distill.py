@@ -291,6 +291,8 @@ def test_stage_runtime_modes_apply_while_training_only(tiny_teacher, tmp_path, m
         _kd_trainer(tiny_teacher, tmp_path / "bad", student_attn="flash")
     with pytest.raises(ValueError, match="train_scan must be one of eager, graph, got 'graphs'"):
         _kd_trainer(tiny_teacher, tmp_path / "bad2", train_scan="graphs")
+    with pytest.raises(ValueError, match="compile_mode must be one of regional, layers, got 'layer'"):
+        _kd_trainer(tiny_teacher, tmp_path / "bad3", compile_mode="layer")   # not a silent eager run
 
 
 class Killed(BaseException):
