@@ -451,6 +451,9 @@ def read_bench(path: str | Path) -> list[BenchRow]:
         if not isinstance(data, dict) or not isinstance(data.get("results"), list) or not data["results"]:
             raise LeaderboardError(f"bench JSON {f}: expected an object with a non-empty 'results' list "
                                    f"as written by `thinkfast bench`")
+        if data.get("complete") is False:
+            print(f"leaderboard: {f} is a partial bench (the run stopped before its last row); "
+                  f"using the {len(data['results'])} point(s) it measured", file=sys.stderr)
         for i, raw in enumerate(data["results"]):
             where = f"bench JSON {f} results[{i}]"
             if not isinstance(raw, dict):

@@ -365,14 +365,14 @@ def test_floor_bytes_per_slot_count_ssm_state_twice_conv_ring_once():
     assert _slot_bytes(model, 12) == expected
 
 
-def test_bench_smoke_writes_json_markdown_png(tiny_checkpoints, tmp_path):
+def test_bench_smoke_writes_json_markdown_png(tiny_checkpoints, tmp_path, monkeypatch):
     from harness_ext.cli import main
 
     out = tmp_path / "bench"
     assert main(["bench", "--device", "cpu", "--teacher", str(tiny_checkpoints / "teacher"), "--batches", "1,2",
                  "--prompt-len", "8", "--gen-len", "4", "--out", str(out)]) == 0
     report = json.loads((out / "bench.json").read_text())
-    assert report["device"] and report["date"] and report["copy_bandwidth_GBps"] > 0
+    assert report["device"] and report["date"] and report["copy_bandwidth_GBps"] > 0 and report["complete"] is True
     rows = [(r["row"], r["batch"]) for r in report["results"]]
     assert rows == [(row, b) for row in ("hf-generate", "teacher", "mil50", "llamba") for b in (1, 2)]
     for r in report["results"]:
@@ -393,6 +393,27 @@ def test_bench_smoke_writes_json_markdown_png(tiny_checkpoints, tmp_path):
     assert bf16_row["floor_ms"] < fp32_row["floor_ms"]
     with pytest.raises(SystemExit, match="teacher-bf16-state"):
         main(["bench", "--device", "cpu", "--rows", "teacher-bf16-state", "--out", str(state_out)])
+
+    # a run stopped part-way (a time limit, a kill) keeps every point it measured, marked partial
+    import harness_ext.generation.bench as bench_module
+
+    real_time_engine = bench_module._time_engine
+
+    def stop_at_llamba(model, *args):
+        if not hasattr(model, "attention_layers") or not model.attention_layers:
+            raise KeyboardInterrupt
+        return real_time_engine(model, *args)
+
+    cut_out = tmp_path / "bench-cut"
+    monkeypatch.setattr(bench_module, "_time_engine", stop_at_llamba)
+    with pytest.raises(KeyboardInterrupt):
+        main(["bench", "--device", "cpu", "--teacher", str(tiny_checkpoints / "teacher"), "--batches", "1,2",
+              "--prompt-len", "8", "--gen-len", "4", "--rows", "teacher,llamba", "--out", str(cut_out)])
+    partial = json.loads((cut_out / "bench.json").read_text())
+    assert partial["complete"] is False
+    assert [(r["row"], r["batch"], r["status"]) for r in partial["results"]] == [("teacher", 1, "ok"), ("teacher", 2, "ok")]
+    assert "Partial" in (cut_out / "bench.md").read_text() and not list(cut_out.glob("*.tmp"))
+    monkeypatch.undo()
 
     assert main(["bench", "--gsm8k-sampling", "--model", str(tiny_checkpoints / "llamba"), "--device", "cpu",
                  "--limit", "2", "--n", "2", "--max-new-tokens", "4", "--out", str(out)]) == 0

@@ -145,15 +145,14 @@ def run(args) -> int:
                     torch.cuda.empty_cache()
             results.append(result)
             print(_format_row(result), flush=True)
+            # written after every point, so a run stopped by a time limit keeps what it measured
+            _write_reports(dict(meta, results=results, complete=False), out, plot=False)
         del model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     workdir.cleanup()
-    report = dict(meta, results=results)
-    (out / "bench.json").write_text(json.dumps(report, indent=2))
-    (out / "bench.md").write_text(_markdown(report))
-    _plot(report, out / "bench.png")
+    _write_reports(dict(meta, results=results, complete=True), out, plot=True)
     print((out / "bench.md").read_text())
     print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
     return 0
@@ -325,6 +324,16 @@ def _peak(device) -> float:
 
 # ----- reports ---------------------------------------------------------------------------------
 
+def _write_reports(report, out: Path, plot: bool):
+    """bench.json and bench.md through a temporary file each, so a reader never sees half a file."""
+    for name, text in (("bench.json", json.dumps(report, indent=2)), ("bench.md", _markdown(report))):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out / name)
+    if plot:
+        _plot(report, out / "bench.png")
+
+
 def _format_row(r) -> str:
     if r["status"] != "ok":
         return f"{r['row']:>12} batch {r['batch']:>5}: {r['status']}"
@@ -342,6 +351,8 @@ def _markdown(report) -> str:
              f"{report['prompt_len']}-token prompts, {report['gen_len']} generated tokens (no early stop), "
              f"{report['dtype']}, teacher: {report['teacher']} ({report['num_hidden_layers']} layers); "
              f"copy bandwidth {report['copy_bandwidth_GBps']:.0f} GB/s; torch {report['torch']}.", "",
+             *([] if report.get("complete", True) else
+               ["**Partial:** the run had not finished when this was written; the rows below are all it measured.", ""]),
              "| row | batch | tokens/s | ms/step | prefill s | peak GB | floor ms | % of floor |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["results"]:
