@@ -155,36 +155,6 @@ def test_batched_refill_keeps_samples_and_saves_prefill_calls(mil):
         Engine(mil, refill_min_free=0)
 
 
-@pytest.mark.parametrize("arch", ["mil", "llamba"])
-def test_decode_row_groups_equal_one_group(arch, request, monkeypatch):
-    """decode_streams > 1 steps a bucket's slots as separate row groups (on CUDA, concurrent branches of the
-    step's graph): every sample is the one a single group gives, through refills and uneven stops."""
-    from harness_ext.generation.engine import split_rows
-
-    assert split_rows(8, 2) == [(0, 4), (4, 8)] and split_rows(7, 3) == [(0, 2), (2, 4), (4, 7)]
-    assert split_rows(2, 4) == [(0, 1), (1, 2)] and split_rows(5, 1) == [(0, 5)]
-    model = request.getfixturevalue(arch)
-    prompts = random_prompts([5, 9, 14, 3, 20, 7])
-    sampled = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=40, ignore_eos=True)
-    kw = dict(max_batch_size=8, sync_every=3, max_seqlen=32)
-    one = Engine(model, **kw)
-    groups = Engine(model, decode_streams=2, decode_streams_min_batch=4, **kw)
-    three = Engine(model, decode_streams=3, decode_streams_min_batch=2, **kw)
-    for params, n in ((sampled, 3), (GREEDY8, 1)):
-        expected = one.generate(prompts, params, n=n, seed=11)
-        assert groups.generate(prompts, params, n=n, seed=11) == expected
-        assert three.generate(prompts, params, n=n, seed=11) == expected
-    assert [len(groups._views[b]) for b in sorted(groups._views)] == [1, 1, 2, 2]
-    assert [(a, b) for a, b, _ in three._views[8]] == [(0, 2), (2, 5), (5, 8)]
-    monkeypatch.setenv("THINKFAST_DECODE_STREAMS", "2")
-    assert Engine(model).decode_streams == 2
-    monkeypatch.setenv("THINKFAST_DECODE_STREAMS", "two")
-    with pytest.raises(ValueError, match="THINKFAST_DECODE_STREAMS"):
-        Engine(model)
-    with pytest.raises(ValueError, match="decode_streams"):
-        Engine(model, decode_streams=0)
-
-
 def test_forked_samples_are_independent_and_equal_separate_prefills(mil):
     prompt = random_prompts([12])[0]
     params = SamplingParams(max_new_tokens=10, temperature=1.0, ignore_eos=True)

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from harness_ext.generation.engine import Engine, SamplingParams, default_decode_streams
+from harness_ext.generation.engine import Engine, SamplingParams
 
 ROWS = ("hf-generate", "teacher", "mil50", "llamba")
 BF16_STATE = "-bf16-state"
@@ -74,8 +74,6 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--gen-len", type=int, default=512)
     parser.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (smoke tests)")
     parser.add_argument("--sync-every", type=int, default=16, help="engine: decode steps between host checks")
-    parser.add_argument("--decode-streams", type=int, default=None,
-                        help="engine: row groups stepped concurrently at batch >= 64 (default THINKFAST_DECODE_STREAMS or 1)")
     parser.add_argument("--seed", type=int, default=0)
     g = parser.add_argument_group("--gsm8k-sampling: wall time to sample N completions for each GSM8K-500 problem")
     g.add_argument("--gsm8k-sampling", action="store_true")
@@ -106,16 +104,12 @@ def run(args) -> int:
         raise SystemExit(f"--prompt-len + --gen-len exceed the teacher's max_position_embeddings "
                          f"({teacher_config.max_position_embeddings})")
 
-    if args.decode_streams is None:
-        args.decode_streams = default_decode_streams()
-    elif args.decode_streams < 1:
-        raise SystemExit(f"--decode-streams must be >= 1, got {args.decode_streams}")
     bandwidth = measure_copy_bandwidth(device)
     meta = dict(device=_device_name(device), date=datetime.datetime.now().isoformat(timespec="seconds"),
                 torch=torch.__version__, dtype=args.dtype, prompt_len=args.prompt_len, gen_len=args.gen_len,
                 teacher=args.teacher or "SmolLM2-135M config, random weights",
                 num_hidden_layers=teacher_config.num_hidden_layers, copy_bandwidth_GBps=bandwidth / 1e9,
-                sync_every=args.sync_every, decode_streams=args.decode_streams)
+                sync_every=args.sync_every)
     print(f"device: {meta['device']}   copy bandwidth: {bandwidth / 1e9:.0f} GB/s")
     results = []
     import tempfile
@@ -278,7 +272,7 @@ def _time_hf(model, batch, args, config, device):
 
 @torch.inference_mode()
 def _time_engine(model, batch, args, config, device):
-    engine = Engine(model, None, max_batch_size=batch, sync_every=args.sync_every, decode_streams=args.decode_streams)
+    engine = Engine(model, None, max_batch_size=batch, sync_every=args.sync_every)
     model._bench_engine = engine
     params = SamplingParams(max_new_tokens=args.gen_len, temperature=1.0, ignore_eos=True)
     prompts = _prompts(batch, args, config, device).tolist()
@@ -356,8 +350,7 @@ def _markdown(report) -> str:
     lines = [f"# Decode throughput: {report['device']}, {report['date']}", "",
              f"{report['prompt_len']}-token prompts, {report['gen_len']} generated tokens (no early stop), "
              f"{report['dtype']}, teacher: {report['teacher']} ({report['num_hidden_layers']} layers); "
-             f"copy bandwidth {report['copy_bandwidth_GBps']:.0f} GB/s; torch {report['torch']}; "
-             f"decode_streams {report.get('decode_streams', 1)}.", "",
+             f"copy bandwidth {report['copy_bandwidth_GBps']:.0f} GB/s; torch {report['torch']}.", "",
              *([] if report.get("complete", True) else
                ["**Partial:** the run had not finished when this was written; the rows below are all it measured.", ""]),
              "| row | batch | tokens/s | ms/step | prefill s | peak GB | floor ms | % of floor |",
@@ -408,7 +401,7 @@ def run_gsm8k_sampling(args, device, dtype, out: Path) -> int:
         problems = problems[: args.limit]
     t_load = time.perf_counter()
     engine = Engine.from_pretrained(args.model, device=device, dtype=dtype, max_batch_size=args.max_batch_size,
-                                    sync_every=args.sync_every, decode_streams=args.decode_streams)
+                                    sync_every=args.sync_every)
     load_s = time.perf_counter() - t_load
     template = _gsm8k_prompt()
     prompts = [[{"role": "user", "content": template.format(problem=p.problem)}] for p in problems]

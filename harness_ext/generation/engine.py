@@ -43,7 +43,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -54,19 +53,6 @@ import torch
 from harness_ext.generation.sampling import greedy_next, sample_key, sample_next
 
 _MAX_STOP_IDS = 16  # the graph's stop-id table is this wide (padded with -1)
-DECODE_STREAMS_MIN_BATCH = 64  # buckets below this step as one group whatever `decode_streams` says
-
-
-def default_decode_streams() -> int:
-    """THINKFAST_DECODE_STREAMS (row groups stepped concurrently in a decode step's graph), default 1."""
-    value = os.environ.get("THINKFAST_DECODE_STREAMS", "1")
-    try:
-        streams = int(value)
-    except ValueError:
-        streams = 0
-    if streams < 1:
-        raise ValueError(f"THINKFAST_DECODE_STREAMS must be an integer >= 1, got {value!r}")
-    return streams
 
 
 @dataclass(frozen=True)
@@ -169,25 +155,15 @@ def _map_state(obj: Any, fn, capacity: int, seen: dict):
     return out
 
 
-def narrow_state(state, capacity: int, batch: int, start: int = 0):
-    """A view of slots [start, start + batch) of a decode state allocated with `capacity` slots. A state class
-    with its own `narrow(batch)` method serves prefixes only (start 0)."""
+def narrow_state(state, capacity: int, batch: int):
+    """A view of slots [0, batch) of a decode state allocated with `capacity` slots."""
     if hasattr(state, "narrow"):
-        if start:
-            raise ValueError(f"{type(state).__name__}.narrow gives views of the first slots only (start={start})")
         return state.narrow(batch)
-    view = _map_state(state, lambda t: t[start:start + batch], capacity, {})
+    view = _map_state(state, lambda t: t[:batch], capacity, {})
     for attr in ("batch_size", "max_batch_size"):  # plain int attributes only (a property follows the tensors)
         if isinstance(getattr(view, "__dict__", {}).get(attr), int):
             setattr(view, attr, batch)
     return view
-
-
-def split_rows(batch: int, groups: int) -> list[tuple[int, int]]:
-    """[start, stop) of `groups` near-equal, contiguous row groups of a batch (fewer if the batch is smaller)."""
-    groups = max(1, min(groups, batch))
-    bounds = [batch * g // groups for g in range(groups + 1)]
-    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 def state_nbytes(state, exclude=("seqlens",)) -> int:
@@ -260,17 +236,9 @@ class _Schedule:
 class Engine:
     def __init__(self, model, tokenizer=None, max_batch_size: int = 256, use_cuda_graphs: bool | None = None,
                  sync_every: int = 16, max_seqlen: int | None = None, prefill_tokens: int | None = None,
-                 refill_min_free: int | None = None, template_slots: int | None = None,
-                 decode_streams: int | None = None, decode_streams_min_batch: int = DECODE_STREAMS_MIN_BATCH):
+                 refill_min_free: int | None = None, template_slots: int | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if decode_streams is None:
-            decode_streams = default_decode_streams()
-        if not isinstance(decode_streams, int) or decode_streams < 1:
-            raise ValueError(f"decode_streams must be an int >= 1, got {decode_streams!r}")
-        if not isinstance(decode_streams_min_batch, int) or decode_streams_min_batch < 2:
-            raise ValueError(f"decode_streams_min_batch must be an int >= 2, got {decode_streams_min_batch!r}")
-        self.decode_streams, self.decode_streams_min_batch = decode_streams, decode_streams_min_batch
         if sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, got {sync_every}")
         if prefill_tokens is not None and prefill_tokens < 1:
@@ -435,54 +403,27 @@ class Engine:
         templates = self.template_slots or max(1, min(64, slots // 16))
         self._state = self.model.allocate_decode_state(slots + templates, seqlen, device=self.device)
         self._buf = _Buffers(slots, width, self.device)
-        capacity = slots + templates
-        self._views = {}
-        for b in self.buckets:
-            if b > slots:
-                continue
-            groups = split_rows(b, self.decode_streams if b >= self.decode_streams_min_batch else 1)
-            if len(groups) > 1 and hasattr(self._state, "narrow"):
-                groups = [(0, b)]    # a state with its own narrow() gives prefix views only: one group
-            self._views[b] = [(start, stop, narrow_state(self._state, capacity, stop - start, start))
-                              for start, stop in groups]
+        self._views = {b: narrow_state(self._state, slots + templates, b) for b in self.buckets if b <= slots}
         self._state_key = (slots, seqlen, width, templates)
 
-    def _step(self, b: int, greedy: bool, top_k: int, use_top_p: bool, streams=None):
-        """One token for slots [0, b): static shapes, no host sync (the body of the CUDA graph). The bucket's row
-        groups (`decode_streams`) step independently; with `streams`, each on its own CUDA stream, so that in the
-        captured graph they are parallel branches: at a few hundred rows a step's small GEMMs and conv/norm kernels
-        are latency-bound and leave most SMs idle, which the other group's kernels can use."""
-        groups = self._views[b]
-        if streams is None:
-            for start, stop, view in groups:
-                self._step_rows(start, stop, view, greedy, top_k, use_top_p)
-            return
-        main = torch.cuda.current_stream()
-        for (start, stop, view), stream in zip(groups, streams):
-            stream.wait_stream(main)
-            with torch.cuda.stream(stream):
-                self._step_rows(start, stop, view, greedy, top_k, use_top_p)
-        for stream in streams[:len(groups)]:
-            main.wait_stream(stream)
-
-    def _step_rows(self, start: int, stop: int, view, greedy: bool, top_k: int, use_top_p: bool):
-        """The step for slots [start, stop) on `view`, the decode state's view of those slots."""
-        buf, rows = self._buf, slice(start, stop)
-        done = buf.done[rows]
+    def _step(self, b: int, greedy: bool, top_k: int, use_top_p: bool):
+        """One token for slots [0, b): static shapes, no host sync (the body of the CUDA graph)."""
+        buf, view = self._buf, self._views[b]
+        done = buf.done[:b]
         view.seqlens.masked_fill_(done, 0)  # idle slots restart at position 0 so they never run off the cache
-        logits = self.model.decode_step(buf.tokens[rows], view, **self._decode_kwargs)
+        logits = self.model.decode_step(buf.tokens[:b], view, **self._decode_kwargs)
         if greedy:
             nxt = greedy_next(logits)
         else:
-            nxt = sample_next(logits, buf.keys[rows], buf.gen_count[rows], buf.temperature, top_k,
+            nxt = sample_next(logits, buf.keys[:b], buf.gen_count[:b], buf.temperature, top_k,
                               buf.top_p if use_top_p else None)
-        gen_count = buf.gen_count[rows]
-        buf.out[rows].scatter_(1, gen_count.long().unsqueeze(1), nxt.to(torch.int32).unsqueeze(1))
+        gen_count = buf.gen_count[:b]
+        buf.out[:b].scatter_(1, gen_count.long().unsqueeze(1), nxt.to(torch.int32).unsqueeze(1))
         active = ~done
         gen_count.add_(active.to(torch.int32))
         hit_stop = (nxt.unsqueeze(1) == buf.stop_ids.unsqueeze(0)).any(1) & active
-        done.logical_or_(hit_stop | (gen_count >= buf.budget[rows]))
-        buf.tokens[rows].copy_(nxt)
+        done.logical_or_(hit_stop | (gen_count >= buf.budget[:b]))
+        buf.tokens[:b].copy_(nxt)
 
     def _capture(self, key):
         """Capture the step for every bucket. Only called while every slot is idle (between runs):
@@ -491,17 +432,16 @@ class Engine:
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
-        side = [torch.cuda.Stream() for _ in range(max(len(g) for g in self._views.values()))]
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for b in self._views:
                 for _ in range(2):
-                    self._step(b, *key, streams=side if len(self._views[b]) > 1 else None)
+                    self._step(b, *key)
         torch.cuda.current_stream().wait_stream(stream)
         for b in sorted(self._views, reverse=True):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._graph_pool):
-                self._step(b, *key, streams=side if len(self._views[b]) > 1 else None)
+                self._step(b, *key)
             self._graphs[(b,) + key] = graph
         torch.cuda.synchronize()
         self.capture_s += time.perf_counter() - t0

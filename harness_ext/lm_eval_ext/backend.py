@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 _UNSUPPORTED = ("parallelize", "tp_plan", "peft", "delta", "autogptq", "gptqmodel", "gguf_file",
                 "max_memory_per_gpu", "max_cpu_memory", "offload_folder", "backend")
 _ACCEPTED = ("pretrained", "device", "dtype", "batch_size", "max_batch_size", "seed", "use_cuda_graphs", "warmup",
-             "ssm_state_dtype", "decode_streams",
+             "ssm_state_dtype",
              "max_length", "tokenizer", "add_bos_token", "prefix_token_id", "truncation", "logits_cache",
              "softmax_dtype", "mixed_precision_dtype", "use_fast_tokenizer", "revision", "subfolder",
              "think_end_token", "enable_thinking", "chat_template_args",
@@ -74,7 +74,7 @@ class ThinkfastLM(HFLM):
     def __init__(self, pretrained: str | None = None, device: str | None = None, dtype: str | None = "auto",
                  batch_size: int | str | None = 1, max_batch_size: int | None = None, seed: int = 0,
                  use_cuda_graphs: bool | None = None, warmup: bool | str | None = None,
-                 ssm_state_dtype: str | None = None, decode_streams: int | str | None = None, **kwargs) -> None:
+                 ssm_state_dtype: str | None = None, **kwargs) -> None:
         unknown = sorted(k for k in kwargs if k not in _ACCEPTED)
         if unknown:
             bad = ", ".join(repr(k) for k in unknown)
@@ -106,12 +106,6 @@ class ThinkfastLM(HFLM):
         self._generation = {"wall_clock_seconds": 0.0, "generated_tokens": 0, "num_samples": 0,
                             "warmup_seconds": 0.0}
         self._user_max_batch_size = max_batch_size
-        try:
-            self._decode_streams = None if decode_streams in (None, "") else int(decode_streams)
-        except ValueError:
-            raise ValueError(f"--model {self.MODEL_NAME}: decode_streams must be an integer >= 1, got {decode_streams!r}")
-        if self._decode_streams is not None and self._decode_streams < 1:
-            raise ValueError(f"--model {self.MODEL_NAME}: decode_streams must be an integer >= 1, got {decode_streams!r}")
         super().__init__(pretrained=pretrained, backend="causal", device=device, dtype=dtype,
                          batch_size=batch_size if batch_size is not None else 1,
                          max_batch_size=max_batch_size or 64, **kwargs)
@@ -211,8 +205,7 @@ class ThinkfastLM(HFLM):
             self._engines.clear()  # one engine (and its static state / CUDA graphs) at a time
             self._warm.clear()  # the new engine warms up afresh
             self._engines[batch_size] = Engine(self.model, self.tokenizer, max_batch_size=batch_size,
-                                               use_cuda_graphs=self._use_cuda_graphs,
-                                               decode_streams=self._decode_streams)
+                                               use_cuda_graphs=self._use_cuda_graphs)
         return self._engines[batch_size]
 
     def _stop_token_ids(self) -> tuple[int, ...]:
