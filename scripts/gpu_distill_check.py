@@ -9,6 +9,9 @@
         --recipes mambainllama --scaling-tokens 6e6 --parallel
     # CPU smoke (tiny budgets, seconds per stage)
     python scripts/gpu_distill_check.py --out /tmp/distill_check --smoke
+    # time and MFU only, in one device call: the teacher's config and tokenizer (no weights need to travel:
+    # `thinkfast teacher --gguf ...` output minus its *.safetensors) with random weights; agreement is meaningless
+    python scripts/gpu_distill_check.py --out runs/timing --teacher teacher_config_only/ --random-weights --recipes llamba
 
 Targets: >= 35% MFU; held-out top-1 agreement with the teacher >= 0.80 (MambaInLlama-50%) and >= 0.70 (Llamba),
 far above the init student; 2 GPUs: same loss curve within noise, >= 1.7x tokens/s.
@@ -39,6 +42,22 @@ def speed(rows: list[dict]) -> dict:
     tok = [r["tokens_per_s"] for r in steady]
     mfu = [r["mfu"] for r in steady if r.get("mfu") is not None]
     return {"tokens_per_s": statistics.median(tok) if tok else None, "mfu": statistics.median(mfu) if mfu else None}
+
+
+def random_weight_teacher(src: str, dst: Path, seed: int = 0) -> str:
+    """A Llama with `src`'s config and tokenizer and random weights, saved in `dst` (fp32, as `thinkfast teacher`
+    saves). Its data, tokens and shapes are the real teacher's, so a distillation from it takes the real run's time
+    and MFU; its held-out agreement says nothing. `src` needs config.json and the tokenizer files only."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(src)
+    if config.model_type != "llama":
+        raise SystemExit(f"--random-weights: {src} holds a {config.model_type!r} config; expected a Llama teacher")
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).to(torch.float32).save_pretrained(dst)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    return str(dst)
 
 
 def run_recipe(recipe_name: str, teacher: str, out: Path, smoke: bool, max_tokens, compile_: bool) -> dict:
@@ -116,6 +135,8 @@ def main():
                     help="scaling: run the 1-GPU and the N-GPU run at once on disjoint GPUs (needs N+1 visible)")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="time and MFU only: the teacher's config and tokenizer with random weights (see the docstring)")
     args = ap.parse_args()
     os.environ.setdefault("THINKFAST_DATA_DIR", str(REPO.parent / "shared" / "data"))
     out = Path(args.out)
@@ -124,7 +145,11 @@ def main():
     if teacher is None:
         from harness_ext.teacher import convert_teacher
         teacher = str(convert_teacher("smollm2-135m-instruct"))
-    summary = {"teacher": teacher, "recipes": [], "scaling": []}
+    if args.random_weights:
+        if args.teacher is None:
+            raise SystemExit("--random-weights needs --teacher (a directory with the teacher's config and tokenizer)")
+        teacher = random_weight_teacher(teacher, out / "random-weight-teacher")
+    summary = {"teacher": teacher, "random_weights": args.random_weights, "recipes": [], "scaling": []}
     for name in args.recipes.split(","):
         if args.scaling_tokens:
             summary["scaling"].append(scaling(name, teacher, out, args.scaling_tokens, args.smoke, args.parallel))
@@ -143,6 +168,8 @@ def main():
             i, f = r["init_eval"], r["final_eval"]
             print(f"{r['recipe']:<14}{r['wall_s']:>8.0f}{fmt(i.get('top1_agreement'), '.3f'):>11}"
                   f"{fmt(f.get('top1_agreement'), '.3f'):>11}{fmt(i.get('kl_forward'), '.3f'):>9}{fmt(f.get('kl_forward'), '.3f'):>9}")
+    if args.random_weights:
+        print("(random-weight teacher: the agreement and KL columns say nothing; time, tokens/s and MFU are the real run's)")
     for s in summary["scaling"]:
         print(f"\nscaling {s['recipe']}: 1 proc {fmt(s['one']['tokens_per_s'], ',.0f')} tok/s, {s['gpus']} procs "
               f"{fmt(s['many']['tokens_per_s'], ',.0f')} tok/s, speedup {fmt(s['speedup'], '.2f')}x, "

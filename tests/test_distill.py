@@ -563,3 +563,35 @@ def test_curves_plot_from_metrics_and_malformed_rows(tmp_path):
     bad.write_text('{"step": 1, "loss": 2.0}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1: a metrics row needs 'tokens'"):
         read_metrics(bad)
+
+
+def test_random_weight_teacher_keeps_config_and_tokenizer(tiny_teacher, tmp_path):
+    """scripts/gpu_distill_check.py --random-weights: a teacher directory without weights (config and tokenizer
+    only) gives a teacher of the same shapes and tokens with fresh weights, which distils like the real one."""
+    import importlib.util
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    spec = importlib.util.spec_from_file_location("gpu_distill_check", REPO / "scripts" / "gpu_distill_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config_only = tmp_path / "config_only"
+    shutil.copytree(tiny_teacher, config_only, ignore=shutil.ignore_patterns("*.safetensors"))
+    made = Path(module.random_weight_teacher(str(config_only), tmp_path / "random", seed=1))  # the fixture used 0
+    config = {k: v for k, v in AutoConfig.from_pretrained(made).to_dict().items() if k != "_name_or_path"}
+    assert config == {k: v for k, v in AutoConfig.from_pretrained(tiny_teacher).to_dict().items() if k != "_name_or_path"}
+    text = "Natalia sold 48 clips in April."
+    assert AutoTokenizer.from_pretrained(made)(text).input_ids == AutoTokenizer.from_pretrained(tiny_teacher)(text).input_ids
+    real, fresh = load_file(tiny_teacher / "model.safetensors"), load_file(made / "model.safetensors")
+    assert real.keys() == fresh.keys()
+    assert all(real[k].shape == fresh[k].shape and fresh[k].dtype == torch.float32 for k in real)
+    assert not torch.equal(real["model.layers.0.self_attn.q_proj.weight"], fresh["model.layers.0.self_attn.q_proj.weight"])
+    result = distill(tiny_recipe("mambainllama", "stages.kd.max_tokens=256"), str(made), str(tmp_path / "student"))
+    assert result["eval"]
+
+    (tmp_path / "not_llama").mkdir()
+    (tmp_path / "not_llama" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(SystemExit, match="expected a Llama teacher"):
+        module.random_weight_teacher(str(tmp_path / "not_llama"), tmp_path / "x")
