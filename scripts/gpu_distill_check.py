@@ -46,8 +46,8 @@ def speed(rows: list[dict]) -> dict:
 
 def random_weight_teacher(src: str, dst: Path, seed: int = 0) -> str:
     """A Llama with `src`'s config and tokenizer and random weights, saved in `dst` (fp32, as `thinkfast teacher`
-    saves). Its data, tokens and shapes are the real teacher's, so a distillation from it should take the real run's time
-    and MFU; its held-out agreement says nothing. `src` needs config.json and the tokenizer files only."""
+    saves). Its data, tokens and shapes are the real teacher's, so a distillation from it should take the real
+    run's time and MFU; its held-out agreement says nothing. `src` needs config.json and the tokenizer files only."""
     import torch
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
@@ -169,7 +169,8 @@ def main():
             print(f"{r['recipe']:<14}{r['wall_s']:>8.0f}{fmt(i.get('top1_agreement'), '.3f'):>11}"
                   f"{fmt(f.get('top1_agreement'), '.3f'):>11}{fmt(i.get('kl_forward'), '.3f'):>9}{fmt(f.get('kl_forward'), '.3f'):>9}")
     if args.random_weights:
-        print("(random-weight teacher: the agreement and KL columns say nothing; time, tokens/s and MFU stand for the real run's)")
+        print("(random-weight teacher: the agreement and KL columns say nothing; "
+              "time, tokens/s and MFU stand for the real run's)")
     for s in summary["scaling"]:
         print(f"\nscaling {s['recipe']}: 1 proc {fmt(s['one']['tokens_per_s'], ',.0f')} tok/s, {s['gpus']} procs "
               f"{fmt(s['many']['tokens_per_s'], ',.0f')} tok/s, speedup {fmt(s['speedup'], '.2f')}x, "

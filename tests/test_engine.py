@@ -405,6 +405,7 @@ def test_bench_smoke_writes_json_markdown_png(tiny_checkpoints, tmp_path, monkey
         return real_time_engine(model, *args)
 
     cut_out = tmp_path / "bench-cut"
+    shutil.copytree(out, cut_out)  # a finished run's files in the folder: the partial run replaces them all
     monkeypatch.setattr(bench_module, "_time_engine", stop_at_llamba)
     with pytest.raises(KeyboardInterrupt):
         main(["bench", "--device", "cpu", "--teacher", str(tiny_checkpoints / "teacher"), "--batches", "1,2",
@@ -413,6 +414,7 @@ def test_bench_smoke_writes_json_markdown_png(tiny_checkpoints, tmp_path, monkey
     assert partial["complete"] is False
     assert [(r["row"], r["batch"], r["status"]) for r in partial["results"]] == [("teacher", 1, "ok"), ("teacher", 2, "ok")]
     assert "Partial" in (cut_out / "bench.md").read_text() and not list(cut_out.glob("*.tmp"))
+    assert not (cut_out / "bench.png").exists()
     monkeypatch.undo()
 
     assert main(["bench", "--gsm8k-sampling", "--model", str(tiny_checkpoints / "llamba"), "--device", "cpu",

@@ -332,6 +332,8 @@ def _write_reports(report, out: Path, plot: bool):
         tmp.replace(out / name)
     if plot:
         _plot(report, out / "bench.png")
+    else:  # a plot from an earlier run in this folder would not match these files
+        (out / "bench.png").unlink(missing_ok=True)
 
 
 def _format_row(r) -> str:
