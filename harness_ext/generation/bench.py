@@ -111,6 +111,8 @@ def run(args) -> int:
                 num_hidden_layers=teacher_config.num_hidden_layers, copy_bandwidth_GBps=bandwidth / 1e9,
                 sync_every=args.sync_every)
     print(f"device: {meta['device']}   copy bandwidth: {bandwidth / 1e9:.0f} GB/s")
+    # the plot is drawn when the run ends: one from an earlier run here would not match a partial run's files
+    (out / "bench.png").unlink(missing_ok=True)
     results = []
     import tempfile
 
@@ -325,15 +327,13 @@ def _peak(device) -> float:
 # ----- reports ---------------------------------------------------------------------------------
 
 def _write_reports(report, out: Path, plot: bool):
-    """bench.json and bench.md through a temporary file each, so a reader never sees half a file."""
-    for name, text in (("bench.json", json.dumps(report, indent=2)), ("bench.md", _markdown(report))):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out / name)
+    """bench.json and bench.md (atomically: a reader never sees half a file), and with `plot` bench.png."""
+    from harness_ext.reproduce import atomic_write_text
+
+    atomic_write_text(out / "bench.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "bench.md", _markdown(report))
     if plot:
         _plot(report, out / "bench.png")
-    else:  # a plot from an earlier run in this folder would not match these files
-        (out / "bench.png").unlink(missing_ok=True)
 
 
 def _format_row(r) -> str:
