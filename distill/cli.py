@@ -301,6 +301,20 @@ def export_final(src: Path, out: Path):
 
 def distill(recipe: dict, teacher_dir: str, out_dir: str, only_stage: str | None = None,
             max_tokens: float | None = None, fault_hook=None, progress: bool = True) -> dict:
+    import torch.distributed as dist
+
+    # a process group left alive at exit can abort a gloo rank during interpreter shutdown (SIGABRT after the
+    # work is done); one that a caller set up is the caller's to end
+    owns_group = not dist.is_initialized()
+    try:
+        return _distill(recipe, teacher_dir, out_dir, only_stage, max_tokens, fault_hook, progress)
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _distill(recipe: dict, teacher_dir: str, out_dir: str, only_stage: str | None, max_tokens: float | None,
+             fault_hook, progress: bool) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -25,6 +25,7 @@ warm-up first compiles the kernels and captures the CUDA graphs (`warmup=false|t
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import os
@@ -64,6 +65,14 @@ def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(names)}")
     return names[dtype]
 
+
+
+def _destroy_process_group() -> None:
+    """lm-eval leaves the process group that accelerate set up alive at exit. Gloo's worker threads then die during
+    interpreter finalisation, which aborts a rank now and then (SIGABRT, "terminate called without an active
+    exception") after its results were sent; tearing the group down while Python is still whole avoids that."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 class ThinkfastLM(HFLM):
     """Any checkpoint `harness_ext.models.load_model` loads: Llamba, MambaInLlama, or a Llama teacher."""
@@ -114,6 +123,8 @@ class ThinkfastLM(HFLM):
             # HFLM turns on data parallelism only when it sees several GPUs; processes on CPU (torchrun, or
             # accelerate with MULTI_CPU) would otherwise each evaluate every document
             self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            atexit.register(_destroy_process_group)
 
     # ------------------------------------------------------------------ loading
 
