@@ -66,13 +66,13 @@ def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return names[dtype]
 
 
-
 def _destroy_process_group() -> None:
     """lm-eval leaves the process group that accelerate set up alive at exit. Gloo's worker threads then die during
     interpreter finalisation, which aborts a rank now and then (SIGABRT, "terminate called without an active
     exception") after its results were sent; tearing the group down while Python is still whole avoids that."""
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
 
 class ThinkfastLM(HFLM):
     """Any checkpoint `harness_ext.models.load_model` loads: Llamba, MambaInLlama, or a Llama teacher."""
@@ -124,6 +124,7 @@ class ThinkfastLM(HFLM):
             # accelerate with MULTI_CPU) would otherwise each evaluate every document
             self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
         if torch.distributed.is_available() and torch.distributed.is_initialized():
+            atexit.unregister(_destroy_process_group)  # one hook however many backends a process builds
             atexit.register(_destroy_process_group)
 
     # ------------------------------------------------------------------ loading
